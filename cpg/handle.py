@@ -162,8 +162,9 @@ class Handle:
         model.flags = 0
         out = ffi.new("cpg_handle_t *")
         check(
-            lib.cpg_model_initialize(out, CPG_MODEL_V1, ffi.cast("cpg_model_data_t *", model),
-                                     ffi.NULL),
+            lib.cpg_model_initialize(
+                out, CPG_MODEL_V1, ffi.cast("cpg_model_data_t *", model), ffi.NULL
+            ),
             "cpg_model_initialize",
         )
         h = int(out[0])
@@ -289,8 +290,10 @@ class Handle:
             raise ValueError("no group joined")
         members = ffi.new("struct cpg_address[]", CPG_MEMBERS_MAX)
         count = ffi.new("int *", CPG_MEMBERS_MAX)
-        check(self._lib.cpg_membership_get(h, group_name(target), members, count),
-              "cpg_membership_get")
+        check(
+            self._lib.cpg_membership_get(h, group_name(target), members, count),
+            "cpg_membership_get",
+        )
         return tuple(Member(members[i].nodeid, members[i].pid) for i in range(count[0]))
 
     def local_get(self) -> int:
@@ -309,8 +312,10 @@ class Handle:
     def flow_control_enabled(self) -> bool:
         """True while corosync asks this client to stop sending."""
         state = ffi.new("cpg_flow_control_state_t *")
-        check(self._lib.cpg_flow_control_state_get(self._handle(), state),
-              "cpg_flow_control_state_get")
+        check(
+            self._lib.cpg_flow_control_state_get(self._handle(), state),
+            "cpg_flow_control_state_get",
+        )
         return bool(state[0])
 
     # -- sending ----------------------------------------------------------------------------

@@ -95,8 +95,7 @@ class Quorum:
             fd = ffi.new("int *")
             check(lib.quorum_fd_get(h, fd), "quorum_fd_get", QuorumError)
             if self.track:
-                check(lib.quorum_trackstart(h, CS_TRACK_CHANGES), "quorum_trackstart",
-                      QuorumError)
+                check(lib.quorum_trackstart(h, CS_TRACK_CHANGES), "quorum_trackstart", QuorumError)
         except QuorumError:
             lib.quorum_finalize(h)
             raise

@@ -562,3 +562,104 @@ class MultiNode(Cluster):
         """Put node *n* back on the bridge."""
         _run(["ip", "-n", self.bridge_ns, "link", "set", f"b{n}", "master", "br0"])
         self.node(n).partitioned = False
+
+
+# -- scripted CPG members --------------------------------------------------------------------
+
+
+class MemberClient:
+    """Drives one ``python -m cpg.member`` process (see :mod:`cpg.member`) inside a node.
+
+    Commands go to its stdin; a reader thread collects its JSON events in :attr:`events`.
+    """
+
+    def __init__(self, cluster: Cluster, n: int, ready_timeout: float = 10.0) -> None:
+        self.cluster = cluster
+        self.n = n
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self.proc = cluster.spawn_python(
+            n, ["-m", "cpg.member"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        ready = self.wait_for("ready", timeout=ready_timeout)
+        self.nodeid: int = ready["nodeid"]
+        self.pid: int = ready["pid"]
+        self.max_msg: int = ready["max"]
+
+    def _read(self) -> None:
+        import json
+
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"ev": "garbage", "line": line}
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+        with self._cond:
+            self.events.append({"ev": "eof", "t": time.time()})
+            self._cond.notify_all()
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return (self.nodeid, self.pid)
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def of(self, ev: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e["ev"] == ev]
+
+    def wait_for(
+        self, ev: str, timeout: float = 10.0, pred: Any = None, after: int = 0
+    ) -> dict[str, Any]:
+        """The first event *ev* (index >= *after*) satisfying *pred*; raises on timeout/EOF."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events[after:]:
+                    if event["ev"] == ev and (pred is None or pred(event)):
+                        return event
+                    if event["ev"] == "eof" and ev != "eof":
+                        err = self.proc.stderr.read() if self.proc.stderr else ""
+                        raise CorosyncError(f"member {self.n} exited waiting for {ev}: {err}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CorosyncError(
+                        f"member on node {self.n}: no {ev!r} in {timeout} s; last events: "
+                        f"{self.events[-5:]}"
+                    )
+                self._cond.wait(left)
+
+    def request(self, line: str, ev: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Send *line* and wait for the next *ev* event after it."""
+        with self._cond:
+            mark = len(self.events)
+        self.send(line)
+        return self.wait_for(ev, timeout, after=mark)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.send("exit")
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def member(cluster: Cluster, n: int) -> MemberClient:
+    """Start a scripted CPG member in node *n* (killed at the cluster's teardown)."""
+    return MemberClient(cluster, n)
