@@ -1,0 +1,189 @@
+"""Command line: ``ulogd run`` and friends (argument parsing and process set-up only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ulogd import __version__, wire
+
+DEFAULT_RUN_DIR = "/run/ulogd"
+EXIT_USAGE = 2
+EXIT_SETUP = 3
+
+log = logging.getLogger("ulogd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ulogd",
+        description="Userspace dirty-log server for device-mapper mirrors (dm-log-userspace).",
+    )
+    parser.add_argument("--version", action="version", version=f"ulogd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve the kernel's dm-log-userspace requests")
+    run.add_argument(
+        "--foreground", "-f", action="store_true", help="do not detach; log to stderr"
+    )
+    run.add_argument(
+        "--run-dir",
+        default=DEFAULT_RUN_DIR,
+        type=Path,
+        help=f"pid file and live log state (default {DEFAULT_RUN_DIR}; must not outlive a "
+        "reboot: use tmpfs)",
+    )
+    run.add_argument("--capture", metavar="FILE", help="record every request and reply (pcapng)")
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
+    )
+    run.add_argument(
+        "--transport",
+        default="netlink",
+        metavar="SPEC",
+        help="'netlink' (the kernel, default) or 'unix:PATH' (test transport: kernel-format "
+        "datagrams over a root-only Unix socket)",
+    )
+    run.add_argument(
+        "--protocol",
+        default=wire.CURRENT.name,
+        choices=sorted(wire.LAYOUTS),
+        help="request layout: 'current' (protocol 1-3, 160-byte header) or 'legacy-2009' "
+        "(the original 152-byte header without luid/version)",
+    )
+    run.add_argument(
+        "--node-id",
+        type=int,
+        default=0,
+        help="this node's id in region-mark bookkeeping (single node: any; default 0)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "run":
+        return cmd_run(args)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def setup_logging(level: str, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper()))
+    handler: logging.Handler
+    if foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s ulogd %(levelname)s: %(message)s"))
+    else:
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("ulogd[%(process)d]: %(levelname)s: %(message)s"))
+    root.handlers[:] = [handler]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.foreground)
+    ready_fd = None if args.foreground else _detach()
+    try:
+        daemon = _build_daemon(args)
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        _report(ready_fd, f"error: {exc}")
+        return EXIT_SETUP
+    daemon.announce_ready()
+    _report(ready_fd, "ready")
+    daemon.run()
+    return 0
+
+
+def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from ulogd import blockdev, disklog
+    from ulogd.daemon import Daemon
+    from ulogd.server import DeviceError, LogDevice, Server
+    from ulogd.statefile import StateDir
+    from ulogd.transport import open_transport
+
+    layout = wire.LAYOUTS[args.protocol]
+    run_dir: Path = args.run_dir
+    node_dir = run_dir / "dev"
+
+    def open_device(arg: str) -> LogDevice:
+        try:
+            dev = blockdev.resolve(arg, node_dir=str(node_dir))
+            return disklog.DiskLogDevice.open(dev.path)
+        except OSError as exc:
+            raise DeviceError(exc.errno or 5, str(exc)) from exc
+
+    server = Server(
+        state_dir=StateDir(run_dir / "logs"),
+        open_device=open_device,
+        local_node=args.node_id,
+        layout=layout,
+    )
+    capture = None
+    daemon_box: list[Daemon] = []
+    try:
+        transport = open_transport(args.transport, reply_seq_offset=layout.offsets["seq"])
+        daemon = Daemon(server, transport, run_dir=run_dir)
+        daemon_box.append(daemon)
+        daemon.lock_run_dir()
+        assert server.state_dir is not None
+        server.restore(server.state_dir.load_all())
+        if args.capture:
+            from ulogd.capture import CaptureWriter
+
+            capture = CaptureWriter(args.capture)
+            daemon.capture = capture
+    except BaseException:
+        server.close()
+        raise
+    return daemon
+
+
+def _detach() -> int:
+    """Fork into the background; the parent exits once the child reports readiness."""
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            message = pipe.read().strip()
+        if message == "ready":
+            os._exit(0)
+        print(f"ulogd: {message or 'the daemon exited during start-up'}", file=sys.stderr)
+        os._exit(EXIT_SETUP)
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return write_end
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, message.encode())
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""The daemon: one event loop wiring the transport, the server, disk workers and signals.
+
+Theory of operation
+-------------------
+A single thread runs a ``selectors`` loop over three kinds of descriptor:
+
+* the transport socket — every readable datagram is drained and fed to
+  :meth:`Server.receive <ulogd.server.Server.receive>`; replies go out at once;
+* an ``eventfd`` that disk workers signal — one worker thread per log device performs the
+  :class:`~ulogd.server.DiskRead`/:class:`~ulogd.server.DiskWrite` actions in order, so a
+  slow device delays only the log that owns it; completions are handed back to the server
+  on the loop thread (the server is never touched from another thread);
+* the signal wake-up pipe — SIGTERM/SIGINT stop the loop (state lives in the run directory's
+  mapped files, so the next daemon continues where this one stopped); SIGUSR1 logs every log.
+
+Capture (``--capture``) records each datagram as it crosses the transport, in both
+directions, through a buffered writer that never blocks the reply path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ulogd.capture import Direction
+from ulogd.server import Action, DiskRead, DiskWrite, LogDevice, Send, Server
+from ulogd.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class DiskWorker:
+    """Performs one device's I/O in order, off the event loop."""
+
+    def __init__(self, device: LogDevice, done: queue.SimpleQueue[Any], wake: int) -> None:
+        self.device = device
+        self._jobs: queue.SimpleQueue[DiskRead | DiskWrite | None] = queue.SimpleQueue()
+        self._done = done
+        self._wake = wake
+        self._thread = threading.Thread(target=self._run, name="ulogd-disk", daemon=True)
+        self._thread.start()
+
+    def submit(self, action: DiskRead | DiskWrite) -> None:
+        self._jobs.put(action)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            data: bytes | None = None
+            error: OSError | None = None
+            try:
+                if isinstance(job, DiskRead):
+                    data = self.device.read(job.nbytes)
+                else:
+                    self.device.write_extents(job.extents)
+            except OSError as exc:
+                error = exc
+            except Exception as exc:  # a bug in the I/O layer must not kill the worker
+                error = OSError(5, f"unexpected {type(exc).__name__}: {exc}")
+            self._done.put((job.token, data, error))
+            os.eventfd_write(self._wake, 1)
+
+
+class Daemon:
+    """Runs a :class:`Server` on a :class:`Transport` until told to stop."""
+
+    def __init__(
+        self,
+        server: Server,
+        transport: Transport,
+        *,
+        run_dir: Path | None = None,
+        capture: Any | None = None,
+    ) -> None:
+        self.server = server
+        self.transport = transport
+        self.run_dir = run_dir
+        self.capture = capture
+        self._selector = selectors.DefaultSelector()
+        self._done: queue.SimpleQueue[tuple[int, bytes | None, OSError | None]] = (
+            queue.SimpleQueue()
+        )
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._workers: dict[int, DiskWorker] = {}
+        self._stop = False
+        self._signals: list[int] = []
+        self._pidfile: int | None = None
+        self.served = 0
+
+    # ------------------------------------------------------------------ set-up
+    def lock_run_dir(self) -> None:
+        """Take the run directory's pid-file lock (one daemon per run directory)."""
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / "ulogd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"another ulogd already uses the run directory {self.run_dir}"
+            ) from None
+        self._pidfile = fd
+
+    def announce_ready(self) -> None:
+        """Write the pid file and tell systemd (Type=notify) that requests are served."""
+        if self.run_dir is not None:
+            tmp = self.run_dir / "ulogd.pid.new"
+            tmp.write_text(f"{os.getpid()}\n")
+            tmp.rename(self.run_dir / "ulogd.pid")
+        sd_notify("READY=1\nSTATUS=serving dm-log-userspace requests")
+        log.info(
+            "ready: %d log(s) restored, serving over %s", len(self.server.logs), self.transport.name
+        )
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        sel = self._selector
+        sel.register(self.transport.fileno(), selectors.EVENT_READ, self._on_transport)
+        sel.register(self._wake, selectors.EVENT_READ, self._on_disk_done)
+        rsig, wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        sel.register(rsig, selectors.EVENT_READ, lambda: self._on_signal(rsig))
+        old_wakeup = signal.set_wakeup_fd(wsig, warn_on_full_buffer=False)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+        previous = {s: signal.signal(s, lambda *_: None) for s in handled}
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        watchdog = _watchdog_interval()
+        next_ping = time.monotonic() + watchdog if watchdog else None
+        try:
+            while not self._stop:
+                timeout = None
+                if next_ping is not None:
+                    timeout = max(0.0, next_ping - time.monotonic())
+                for key, _ in sel.select(timeout):
+                    key.data()
+                if next_ping is not None and time.monotonic() >= next_ping:
+                    sd_notify("WATCHDOG=1")
+                    next_ping = time.monotonic() + watchdog
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in previous.items():
+                signal.signal(s, h)
+            sel.unregister(rsig)
+            os.close(rsig)
+            os.close(wsig)
+            self._shutdown()
+
+    def _on_transport(self) -> None:
+        receive = self.server.receive
+        execute = self._execute
+        capture = self.capture
+        while (item := self.transport.recv()) is not None:
+            data, port = item
+            if capture is not None:
+                capture.record(Direction.TO_DAEMON, data)
+            self.served += 1
+            try:
+                actions = receive(data, port)
+            except Exception:
+                # A bug must cost one request, never the daemon and every other log.
+                log.exception("internal error while handling a %d-byte datagram", len(data))
+                continue
+            if actions:
+                execute(actions)
+
+    def _on_disk_done(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        while True:
+            try:
+                token, data, error = self._done.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                actions = self.server.disk_done(token, data, error)
+            except Exception:
+                log.exception("internal error after disk I/O %d", token)
+                continue
+            self._execute(actions)
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                try:
+                    self.transport.send(action.data)
+                except OSError as exc:
+                    log.error("sending a reply failed: %s", exc)
+                if self.capture is not None:
+                    self.capture.record(Direction.FROM_DAEMON, action.data)
+            else:
+                worker = self._workers.get(id(action.device))
+                if worker is None:
+                    worker = DiskWorker(action.device, self._done, self._wake)
+                    self._workers[id(action.device)] = worker
+                worker.submit(action)
+
+    def _on_signal(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(fd, 64):
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("signal %s: stopping", signal.Signals(signum).name)
+                    self._stop = True
+                elif signum == signal.SIGUSR1:
+                    self.dump()
+                elif signum == signal.SIGHUP:
+                    log.info("SIGHUP: nothing to reload")
+
+    def dump(self) -> None:
+        lines = self.server.dump()
+        log.warning("state of %d log(s), %d datagrams served:", len(lines), self.served)
+        for line in lines:
+            log.warning("  %s", line)
+
+    def _shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        for worker in self._workers.values():
+            worker.stop()
+        self._on_disk_done()  # answer what the workers finished
+        if self.server.logs:
+            log.info(
+                "%d log(s) active: their state stays in %s for the next daemon",
+                len(self.server.logs),
+                self.run_dir,
+            )
+        self.server.close()
+        self.transport.close()
+        if self.capture is not None:
+            self.capture.close()
+        os.close(self._wake)
+        if self.run_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / "ulogd.pid").unlink()
+        if self._pidfile is not None:
+            os.close(self._pidfile)
+
+
+def sd_notify(message: str) -> None:
+    """The sd_notify datagram protocol (a few lines; no library needed for this)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+    ):
+        sock.sendto(message.encode(), address)
+
+
+def _watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6

@@ -1,0 +1,444 @@
+"""One mirror log's region state and every rule that changes it (pure, no I/O).
+
+Theory of operation
+-------------------
+A mirror is cut into ``region_count`` regions.  Per region the log keeps two bits:
+
+* **clean** — no write is outstanding (1) or a write may be in flight (0).  Persisted by disk
+  logs: after a crash every region not recorded clean is resynchronised.
+* **sync** — the mirror legs hold the same data (1), or the region must be recovered (0).
+
+and, per region that some node is writing, the set of **holders** (node ids with a mark).
+A region becomes clean only when its last holder clears it *and* it is in sync — stricter than
+the kernel's own ``core``/``disk`` logs and the rule that keeps a cluster safe: no node ever
+makes clean a region another node is still writing, and an out-of-sync region is never recorded
+clean.  ``sync_count`` always equals the number of sync bits (repaired whenever it could drift).
+
+Resynchronisation hands out one region at a time (``recovering``/``recoverer``): the next
+out-of-sync region at or after ``sync_search``, after regions a writer is waiting for
+(the priority list, filled by IS_REMOTE_RECOVERING).  A region whose sync bit is cleared (write
+failure, a departed node's in-flight writes) moves ``sync_search`` back so it is found again.
+
+The bitarrays are handed in by the owner (``statefile`` maps them onto files that outlive a
+daemon crash) and may be longer than ``region_count`` (rounded up to whole words); bits past
+``region_count`` stay 0 in both maps.  Scalar state that must survive a restart is exported by
+:meth:`RegionLog.scalars` and restored by :meth:`RegionLog.restore_scalars`.
+
+Disk logs: every clean-bit change records its 4096-region *chunk*; FLUSH and POSTSUSPEND hand
+the changed chunks to the caller to write (:meth:`take_disk_work`), and the caller reports the
+outcome (:meth:`disk_written`).  RESUME of a disk log that has not been loaded asks the caller
+for the on-disk image (:meth:`resume` returns ``NEEDS_DISK``) and applies it in
+:meth:`load_disk` with the kernel ``disk`` log's rules.
+
+Node ids: single-node operation uses one node id throughout; the cluster layer passes the
+originating member's id and keeps ``members`` current.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from bitarray import bitarray
+
+from ulogd import protocol as p
+from ulogd.ctr import LogConfig, SyncMode
+
+CHUNK_SHIFT = 12  # 4096 regions = 512 bitmap bytes per disk chunk
+
+
+class Resume(enum.Enum):
+    DONE = "done"
+    NEEDS_DISK = "needs-disk"
+
+
+@dataclass(frozen=True, slots=True)
+class Scalars:
+    """The non-bitmap state that must survive a daemon restart."""
+
+    sync_search: int
+    recovering: int
+    recoverer: int
+    resumed: bool
+    recovery_halted: bool
+    in_sync_override: bool
+    disk_loaded: bool
+    disk_failed: bool
+
+
+def padded_bits(region_count: int) -> int:
+    """Bitmap length rounded up to whole 64-bit words (never 0)."""
+    return max(64, -(-region_count // 64) * 64)
+
+
+def new_bitmaps(config: LogConfig) -> tuple[bitarray, bitarray]:
+    """Fresh in-memory bitmaps: every region clean; in sync only with ``nosync``."""
+    n = config.region_count
+    clean = bitarray(padded_bits(n), endian="little")
+    sync = bitarray(padded_bits(n), endian="little")
+    initialise(config, clean, sync)
+    return clean, sync
+
+
+def initialise(config: LogConfig, clean: bitarray, sync: bitarray) -> None:
+    n = config.region_count
+    clean.setall(0)
+    sync.setall(0)
+    clean[:n] = 1
+    if config.sync is SyncMode.NOSYNC:
+        sync[:n] = 1
+
+
+class RegionLog:
+    """The state machine of one log instance (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: LogConfig,
+        clean: bitarray,
+        sync: bitarray,
+        *,
+        local_node: int = 0,
+        device_id: str | None = None,
+    ) -> None:
+        n = config.region_count
+        if len(clean) < n or len(sync) < n:
+            raise ValueError("bitmaps shorter than the region count")
+        self.config = config
+        self.region_count = n
+        self.clean = clean
+        self.sync = sync
+        self.sync_count = sync.count(1, 0, n)
+        self.device_id = device_id  # "MAJ:MIN" of the log device, for status strings
+        self.holders: dict[int, set[int]] = {}
+        self.members: set[int] = {local_node}
+        self.sync_search = 0
+        self.recovering = -1
+        self.recoverer = -1
+        self.priority: list[int] = []
+        self.resumed = False
+        self.recovery_halted = False
+        self.in_sync_override = False
+        self.has_disk = config.has_disk
+        self.disk_loaded = False
+        self.disk_failed = False
+        self.dirty_chunks: set[int] = set()
+        self.full_write = self.has_disk  # a write must cover header and whole bitmap
+        #: set whenever a field in :class:`Scalars` changes; the owner clears it after saving
+        self.scalars_changed = True
+
+    # ------------------------------------------------------------------ persistence
+    def scalars(self) -> Scalars:
+        return Scalars(
+            self.sync_search,
+            self.recovering,
+            self.recoverer,
+            self.resumed,
+            self.recovery_halted,
+            self.in_sync_override,
+            self.disk_loaded,
+            self.disk_failed,
+        )
+
+    def restore_scalars(self, s: Scalars) -> None:
+        self.sync_search = s.sync_search
+        self.recovering = s.recovering
+        self.recoverer = s.recoverer
+        self.resumed = s.resumed
+        self.recovery_halted = s.recovery_halted
+        self.in_sync_override = s.in_sync_override
+        self.disk_loaded = s.disk_loaded
+        self.disk_failed = s.disk_failed
+        self.sync_count = self.sync.count(1, 0, self.region_count)
+        # What was written before the restart is unknown: rewrite everything on next flush.
+        self.full_write = self.has_disk
+        self.scalars_changed = False
+
+    def adopt(self, previous: RegionLog) -> None:
+        """Carry the region state of a previous instance of the same log (table reload)."""
+        n = self.region_count
+        self.clean[:n] = previous.clean[:n]
+        self.sync[:n] = previous.sync[:n]
+        self.sync_count = self.sync.count(1, 0, n)
+        self.holders = {r: set(h) for r, h in previous.holders.items()}
+        self.in_sync_override = previous.in_sync_override
+        if self.has_disk:
+            self.disk_loaded = True
+            self.full_write = True
+        self.scalars_changed = True
+
+    # ------------------------------------------------------------------ checks
+    def check_regions(self, regions: Iterable[int]) -> int:
+        """0, or -EINVAL when any region is out of range."""
+        n = self.region_count
+        for r in regions:
+            if r >= n:
+                return p.EINVAL
+        return 0
+
+    def _set_clean(self, r: int, value: int) -> None:
+        if self.clean[r] != value:
+            self.clean[r] = value
+            if self.has_disk:
+                self.dirty_chunks.add(r >> CHUNK_SHIFT)
+
+    def _lose_sync(self, r: int) -> None:
+        """Region ``r`` must be recovered: not in sync, not clean, found again by the scan."""
+        if self.sync[r]:
+            self.sync[r] = 0
+            self.sync_count -= 1
+        self._set_clean(r, 0)
+        if r < self.sync_search:
+            self.sync_search = r
+            self.scalars_changed = True
+
+    # ------------------------------------------------------------------ writes
+    def mark(self, node: int, regions: Sequence[int]) -> int:
+        if err := self.check_regions(regions):
+            return err
+        holders = self.holders
+        for r in regions:
+            h = holders.get(r)
+            if h is None:
+                holders[r] = {node}
+                self._set_clean(r, 0)
+            else:
+                h.add(node)
+        return 0
+
+    def clear(self, node: int, regions: Sequence[int]) -> int:
+        if err := self.check_regions(regions):
+            return err
+        holders = self.holders
+        for r in regions:
+            h = holders.get(r)
+            if h is not None:
+                h.discard(node)
+                if h:
+                    continue  # another node is still writing r
+                del holders[r]
+            if self.sync[r]:
+                self._set_clean(r, 1)
+        return 0
+
+    def flush(self, node: int, marks: Sequence[int] = ()) -> int:
+        """FLUSH, with the marks of an integrated flush (protocol 3) applied first."""
+        return self.mark(node, marks) if marks else 0
+
+    # ------------------------------------------------------------------ queries
+    def is_clean(self, r: int) -> tuple[int, int]:
+        if r >= self.region_count:
+            return p.EINVAL, 0
+        return 0, self.clean[r]
+
+    def in_sync(self, r: int) -> tuple[int, int]:
+        if r >= self.region_count:
+            return p.EINVAL, 0
+        return 0, 1 if self.in_sync_override else self.sync[r]
+
+    def hint(self) -> int:
+        """Regions below the hint are in sync (what IS_REMOTE_RECOVERING reports)."""
+        return min(max(self.sync_search - 1, 0), self.region_count)
+
+    # ------------------------------------------------------------------ resync
+    def get_resync_work(self, node: int) -> tuple[int, int]:
+        """(1, region) to recover, or (0, 0) when there is nothing for ``node`` to do."""
+        if self.recovering >= 0:
+            if self.recoverer == node:
+                return 1, self.recovering  # a retry of the same request
+            return 0, 0  # one region at a time, cluster-wide
+        while self.priority:
+            r = self.priority.pop()
+            if not self.sync[r]:
+                return self._assign(node, r)
+        n = self.region_count
+        if self.sync_search >= n:
+            return 0, 0
+        r = self.sync.find(0, self.sync_search, n)
+        if r < 0:
+            self.sync_search = n + 1
+            self.scalars_changed = True
+            return 0, 0
+        self.sync_search = r + 1
+        return self._assign(node, r)
+
+    def _assign(self, node: int, r: int) -> tuple[int, int]:
+        self.recovering = r
+        self.recoverer = node
+        self.scalars_changed = True
+        return 1, r
+
+    def set_region_sync(self, node: int, r: int, in_sync: bool) -> int:
+        if r >= self.region_count:
+            return p.EINVAL
+        if r == self.recovering:
+            # Only the region being recovered ends the recovery (cmirrord reset it on any
+            # report, which let a second recovery start while the first was still running).
+            self.recovering = -1
+            self.recoverer = -1
+            self.scalars_changed = True
+        if in_sync:
+            if not self.sync[r]:
+                self.sync[r] = 1
+                self.sync_count += 1
+                if self.sync_count >= self.region_count and not self.in_sync_override:
+                    self.in_sync_override = True
+                    self.scalars_changed = True
+        else:
+            self._lose_sync(r)
+        return 0
+
+    def is_remote_recovering(self, node: int, r: int) -> tuple[int, int, int]:
+        """(error, is_recovering, hint).
+
+        With other members, any out-of-sync region may be under recovery elsewhere, so writes
+        to it wait (and the region jumps the recovery queue).  Alone, the kernel quiesces its
+        own recovery against its own writes, so nothing is remote.
+        """
+        n = self.region_count
+        if r >= n:
+            return p.EINVAL, 0, 0
+        if self.recovery_halted:
+            return 0, 0, n
+        remote = any(m != node for m in self.members)
+        recovering = remote and not self.sync[r]
+        if recovering and r != self.recovering and r not in self.priority:
+            self.priority.append(r)
+        return 0, int(recovering), self.hint()
+
+    # ------------------------------------------------------------------ life cycle
+    def presuspend(self) -> int:
+        if not self.recovery_halted:
+            self.recovery_halted = True
+            self.scalars_changed = True
+        return 0
+
+    def postsuspend(self) -> int:
+        self.resumed = False
+        self.recovering = -1
+        self.recoverer = -1
+        self.scalars_changed = True
+        return 0
+
+    def resume(self) -> Resume:
+        """RESUME: a no-op when already resumed (kernel retries, daemon reconnects)."""
+        if self.resumed:
+            return Resume.DONE
+        if self.has_disk and not self.disk_loaded:
+            return Resume.NEEDS_DISK
+        self._finish_resume()
+        return Resume.DONE
+
+    def _finish_resume(self) -> None:
+        self.resumed = True
+        self.recovery_halted = False
+        self.in_sync_override = False
+        self.sync_search = 0
+        self.priority.clear()
+        self.sync_count = self.sync.count(1, 0, self.region_count)
+        self.scalars_changed = True
+
+    def load_disk(self, image_clean: bitarray | None, nr_regions: int, read_failed: bool) -> None:
+        """Apply the on-disk log at the first RESUME (the kernel ``disk`` log's rules).
+
+        ``image_clean`` holds the on-disk clean bits (None when the header was not valid);
+        ``nr_regions`` the header's region count.  Regions the disk does not describe are new:
+        clean and in sync with ``nosync``, otherwise dirty and out of sync.  A ``sync`` or
+        ``nosync`` keyword re-initialises the log.  Everything on disk that is not clean is
+        out of sync.  The whole log is written back afterwards.
+        """
+        n = self.region_count
+        known = 0
+        if read_failed:
+            self.disk_failed = True
+        elif image_clean is not None and self.config.sync is SyncMode.DEFAULT:
+            known = min(nr_regions, n)
+            self.clean[:known] = image_clean[:known]
+        if known < n:
+            self.clean[known:n] = 1 if self.config.sync is SyncMode.NOSYNC else 0
+        self.sync[:n] = self.clean[:n]
+        self.holders.clear()
+        self.disk_loaded = True
+        self.full_write = True
+        self._finish_resume()
+
+    # ------------------------------------------------------------------ disk
+    def take_disk_work(self) -> set[int] | bool | None:
+        """What a flush must write: False (nothing), None (everything) or a set of chunks.
+
+        The work is handed over: a failed write is reported with :meth:`disk_written`.
+        """
+        if not self.has_disk:
+            return False
+        if self.full_write:
+            self.full_write = False
+            self.dirty_chunks = set()
+            return None
+        if not self.dirty_chunks:
+            return False
+        chunks, self.dirty_chunks = self.dirty_chunks, set()
+        return chunks
+
+    def disk_written(self, ok: bool) -> int:
+        if ok:
+            return 0
+        self.full_write = True  # whatever reached the device is unknown: rewrite it all
+        if not self.disk_failed:
+            self.disk_failed = True
+            self.scalars_changed = True
+        return p.EIO
+
+    # ------------------------------------------------------------------ cluster hooks
+    def node_departed(self, node: int) -> list[int]:
+        """A member left without clearing its marks: its writes may have reached one leg only.
+
+        Every region it held and nobody else holds loses sync (recovered later); a recovery
+        it was running is handed out again.  Returns the regions that lost sync.
+        """
+        lost: list[int] = []
+        for r, h in list(self.holders.items()):
+            if node in h:
+                h.discard(node)
+                if not h:
+                    del self.holders[r]
+                self._lose_sync(r)
+                lost.append(r)
+        if self.recoverer == node:
+            self.recovering = -1
+            self.recoverer = -1
+            self.scalars_changed = True
+        self.members.discard(node)
+        return lost
+
+    # ------------------------------------------------------------------ status
+    def health(self) -> str:
+        return "D" if self.disk_failed else "A"
+
+    def status_info(self) -> str:
+        word = self.config.type_word
+        if self.has_disk:
+            return f"3 {word} {self.device_id} {self.health()}"
+        return f"1 {word}"
+
+    def status_table(self) -> str:
+        c = self.config
+        sync = f"{c.sync.value} " if c.sync is not SyncMode.DEFAULT else ""
+        if c.clustered:
+            dev = f"{self.device_id} " if c.has_disk else ""
+            block = "block_on_error" if c.block_on_error else ""
+            return f"{c.type_word} {dev}{c.region_size} {sync}{block} "
+        count = (2 if c.has_disk else 1) + (1 if sync else 0)
+        dev = f"{self.device_id} " if c.has_disk else ""
+        return f"{c.type_word} {count} {dev}{c.region_size} {sync}"
+
+    def describe(self) -> str:
+        """One line for logs and SIGUSR1 dumps."""
+        marked = len(self.holders)
+        return (
+            f"{self.config.type_word} regions={self.region_count} size={self.config.region_size}"
+            f" in_sync={self.sync_count}/{self.region_count} marked={marked}"
+            f" recovering={self.recovering}@{self.recoverer} search={self.sync_search}"
+            f" resumed={int(self.resumed)} halted={int(self.recovery_halted)}"
+            f" override={int(self.in_sync_override)} disk={self.health() if self.has_disk else '-'}"
+        )

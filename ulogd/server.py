@@ -1,0 +1,548 @@
+"""The request engine: kernel datagrams in, actions out (sans-IO).
+
+Theory of operation
+-------------------
+:class:`Server` owns the table of logs, keyed by ``(uuid, luid)``, and turns each decoded
+request into calls on that log's :class:`~ulogd.regionlog.RegionLog` — which holds every rule
+about region state — and into *actions* for the caller to perform:
+
+* :class:`Send` — a reply datagram for the kernel;
+* :class:`DiskRead` / :class:`DiskWrite` — I/O on a log device.  The caller performs it
+  (the daemon in a per-device worker thread, the replay tool against an in-memory image) and
+  reports back with :meth:`Server.disk_done`, which yields the actions that follow — usually
+  the reply the kernel is waiting for.
+
+While a log has disk I/O outstanding, further requests for *that* log wait in its queue, so
+each log sees its requests in arrival order; other logs are served meanwhile.
+
+Policies that are not about region state live here: CTR/DTR and the table of logs; a reload
+(same uuid, new luid) carries the previous instance's region state over when the geometry
+matches and no ``sync`` keyword asks for a full resync; a request that names an unknown log is
+answered ``-ESRCH``, the one error that makes the kernel re-send CTR and RESUME; the CTR of
+a reconnecting kernel (payload ending in NUL) re-attaches to the log restored from its state
+file and never answers with a device name (the kernel gives that CTR no reply buffer).
+Scalar state is saved to the log's state file before the reply that depends on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ulogd import ctr, disklog, wire
+from ulogd import protocol as p
+from ulogd.protocol import RequestType as T
+from ulogd.regionlog import RegionLog, Resume, initialise
+from ulogd.statefile import LogState, MemoryState, StateDir
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct("=Q")
+_S64 = struct.Struct("=q")
+_PAIR = struct.Struct("=qQ")
+_REGION_SYNC = struct.Struct("=Qq")
+
+
+class LogDevice(Protocol):
+    """What the server needs of an opened log device (see ``ulogd.disklog``)."""
+
+    block_size: int
+    size_bytes: int
+    rdev: tuple[int, int] | None
+
+    def read(self, nbytes: int) -> bytes: ...
+    def write_extents(self, extents: list[tuple[int, bytes]]) -> None: ...
+    def close(self) -> None: ...
+
+
+class DeviceError(Exception):
+    """Opening a log device failed; ``errno`` is positive."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+DeviceOpener = Callable[[str], LogDevice]
+
+
+@dataclass(slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(slots=True)
+class DiskRead:
+    token: int
+    device: LogDevice
+    nbytes: int
+    uuid: str
+
+
+@dataclass(slots=True)
+class DiskWrite:
+    token: int
+    device: LogDevice
+    extents: list[tuple[int, bytes]]
+    uuid: str
+
+
+Action = Send | DiskRead | DiskWrite
+Continuation = Callable[[bytes | None, OSError | None], list[Action]]
+
+
+@dataclass(eq=False)
+class Entry:
+    """One log instance in the table."""
+
+    log: RegionLog
+    state: LogState | MemoryState
+    device: LogDevice | None
+    predecessor: tuple[str, int] | None = None
+    queue: deque[wire.Request] = field(default_factory=deque)
+    busy: bool = False
+
+
+def tag(uuid: str) -> str:
+    """How log lines name a log: the uuid's tail, as operators grep for it."""
+    return f"[{uuid[-8:] or '?'}]"
+
+
+class Server:
+    """The table of logs and the request dispatcher (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: StateDir | None = None,
+        open_device: DeviceOpener | None = None,
+        local_node: int = 0,
+        layout: wire.Layout = wire.CURRENT,
+    ) -> None:
+        self.state_dir = state_dir
+        self.open_device = open_device
+        self.local_node = local_node
+        self.layout = layout
+        self.logs: dict[tuple[str, int], Entry] = {}
+        self._pending: dict[int, tuple[Entry, Continuation]] = {}
+        self._next_token = 1
+        #: (request type name, errno name) → count, for status and metrics
+        self.results: Counter[tuple[str, str]] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
+            T.DTR: self._dtr,
+            T.PRESUSPEND: self._presuspend,
+            T.POSTSUSPEND: self._postsuspend,
+            T.RESUME: self._resume,
+            T.GET_REGION_SIZE: self._get_region_size,
+            T.IS_CLEAN: self._is_clean,
+            T.IN_SYNC: self._in_sync,
+            T.FLUSH: self._flush,
+            T.MARK_REGION: self._mark,
+            T.CLEAR_REGION: self._clear,
+            T.GET_RESYNC_WORK: self._get_resync_work,
+            T.SET_REGION_SYNC: self._set_region_sync,
+            T.GET_SYNC_COUNT: self._get_sync_count,
+            T.STATUS_INFO: self._status_info,
+            T.STATUS_TABLE: self._status_table,
+            T.IS_REMOTE_RECOVERING: self._is_remote_recovering,
+        }
+
+    # ------------------------------------------------------------------ entry points
+    def receive(
+        self, datagram: bytes | bytearray | memoryview, sender_port: int = 0
+    ) -> list[Action]:
+        """Handle one datagram from the transport."""
+        request = wire.decode(datagram, self.layout, sender_port)
+        if isinstance(request, wire.Rejected):
+            return self._rejected(request)
+        return self.handle(request)
+
+    def handle(self, request: wire.Request) -> list[Action]:
+        if request.request_type == T.CTR:
+            return self._ctr(request)
+        entry = self.logs.get(request.key)
+        if entry is None:
+            log.info(
+                "%s %s for unknown log luid=%#x: -ESRCH (the kernel will reconnect)",
+                tag(request.uuid),
+                p.type_name(request.request_type),
+                request.luid,
+            )
+            return [self._reply(request, p.ESRCH)]
+        if entry.busy:
+            entry.queue.append(request)
+            return []
+        return self._dispatch(entry, request)
+
+    def disk_done(self, token: int, data: bytes | None, error: OSError | None) -> list[Action]:
+        """The outcome of a :class:`DiskRead`/:class:`DiskWrite`; returns what follows."""
+        entry, continuation = self._pending.pop(token)
+        entry.busy = False
+        actions = continuation(data, error)
+        while not entry.busy and entry.queue:
+            actions += self._dispatch(entry, entry.queue.popleft())
+        return actions
+
+    # ------------------------------------------------------------------ plumbing
+    def _rejected(self, rejected: wire.Rejected) -> list[Action]:
+        self.rejected[rejected.reason.split(" ", 1)[0]] += 1
+        level = logging.WARNING if rejected.foreign else logging.ERROR
+        if self.rejected.total() <= 100 or self.rejected.total() % 1000 == 0:
+            log.log(
+                level,
+                "rejected datagram: %s%s",
+                rejected.reason,
+                "" if rejected.reply else " (no reply possible)",
+            )
+        return [Send(rejected.reply)] if rejected.reply else []
+
+    def _reply(self, request: wire.Request, error: int = 0, payload: bytes = b"") -> Send:
+        self.results[(p.type_name(request.request_type), p.errno_name(error))] += 1
+        return Send(wire.encode_reply(request, error, payload))
+
+    def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
+        actions = self._handlers[request.request_type](entry, request)
+        rl = entry.log
+        if rl.scalars_changed:
+            entry.state.save_scalars(rl.scalars())
+            rl.scalars_changed = False
+        return actions
+
+    def _io(self, entry: Entry, action: DiskRead | DiskWrite, then: Continuation) -> list[Action]:
+        entry.busy = True
+        self._pending[action.token] = (entry, then)
+        return [action]
+
+    def _token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    # ------------------------------------------------------------------ life cycle
+    def _ctr(self, request: wire.Request) -> list[Action]:
+        reconnect = request.data.endswith(b"\0")
+        try:
+            config = ctr.parse(request.data)
+        except ctr.CtrError as exc:
+            log.error("%s CTR %r refused: %s", tag(request.uuid), request.data, exc)
+            return [self._reply(request, exc.reply_error)]
+        if not request.uuid:
+            log.error("CTR without a uuid refused")
+            return [self._reply(request, p.EINVAL)]
+        existing = self.logs.get(request.key)
+        if existing is not None:
+            if existing.log.config.text != config.text:
+                log.error(
+                    "%s CTR %r: log luid=%#x already exists as %r",
+                    tag(request.uuid),
+                    config.text,
+                    request.luid,
+                    existing.log.config.text,
+                )
+                return [self._reply(request, p.EEXIST)]
+            log.info(
+                "%s CTR %s: re-attached to the existing log",
+                tag(request.uuid),
+                "(reconnect)" if reconnect else "(repeated)",
+            )
+            return [self._ctr_reply(request, config, reconnect)]
+        try:
+            entry = self._create(request.uuid, request.luid, config)
+        except DeviceError as exc:
+            log.error("%s CTR %r: log device: %s", tag(request.uuid), config.text, exc)
+            return [self._reply(request, -exc.errno)]
+        predecessor = self._predecessor(request.uuid, request.luid, config)
+        if predecessor is not None:
+            entry.predecessor, previous = predecessor
+            entry.log.adopt(previous.log)
+            log.info(
+                "%s reload: carried region state over from luid=%#x (%d/%d in sync)",
+                tag(request.uuid),
+                entry.predecessor[1],
+                entry.log.sync_count,
+                entry.log.region_count,
+            )
+        self.logs[request.key] = entry
+        entry.state.save_scalars(entry.log.scalars())
+        entry.log.scalars_changed = False
+        log.info(
+            "%s CTR luid=%#x %s: %d regions of %d sectors",
+            tag(request.uuid),
+            request.luid,
+            config.text,
+            config.region_count,
+            config.region_size,
+        )
+        return [self._ctr_reply(request, config, reconnect)]
+
+    def _ctr_reply(self, request: wire.Request, config: ctr.LogConfig, reconnect: bool) -> Send:
+        # Protocol >= 2 registers the named log device with the kernel; the reconnect CTR has
+        # no reply buffer, so it must be answered without a payload.
+        if config.log_device and request.version >= 2 and not reconnect:
+            return self._reply(request, 0, config.log_device.encode() + b"\0")
+        return self._reply(request, 0)
+
+    def _create(self, uuid: str, luid: int, config: ctr.LogConfig) -> Entry:
+        device = self._open_device(config) if config.log_device else None
+        try:
+            if self.state_dir is not None:
+                state: LogState | MemoryState = self.state_dir.create(
+                    uuid, luid, config.region_count, config.region_size, config.text
+                )
+            else:
+                state = MemoryState(config.region_count)
+        except BaseException:
+            if device is not None:
+                device.close()
+            raise
+        initialise(config, state.clean, state.sync)
+        rl = RegionLog(
+            config,
+            state.clean,
+            state.sync,
+            local_node=self.local_node,
+            device_id=_device_id(device, config),
+        )
+        return Entry(rl, state, device)
+
+    def _open_device(self, config: ctr.LogConfig) -> LogDevice:
+        assert config.log_device is not None
+        if self.open_device is None:
+            raise DeviceError(errno.ENODEV, "this server has no access to log devices")
+        device = self.open_device(config.log_device)
+        try:
+            disklog.check_device_size(device.size_bytes, config.region_count, device.block_size)
+        except disklog.DiskFormatError as exc:
+            device.close()
+            raise DeviceError(errno.ENOSPC, str(exc)) from None
+        return device
+
+    def _predecessor(
+        self, uuid: str, luid: int, config: ctr.LogConfig
+    ) -> tuple[tuple[str, int], Entry] | None:
+        if config.sync is ctr.SyncMode.SYNC:
+            return None  # the table asks for a full resync
+        for key, entry in self.logs.items():
+            if key[0] == uuid and key[1] != luid and entry.log.config.same_geometry(config):
+                return key, entry
+        return None
+
+    def restore(self, states: list[LogState]) -> None:
+        """Re-create the logs of a previous daemon from their state files."""
+        for state in states:
+            ident = state.identity
+            try:
+                config = ctr.parse(ident.ctr_text.encode())
+                if (config.region_count, config.region_size) != (
+                    ident.region_count,
+                    ident.region_size,
+                ):
+                    raise ctr.CtrError(22, "geometry differs from the constructor text")
+            except ctr.CtrError as exc:
+                log.error("%s state file %s unusable: %s", tag(ident.uuid), state.path, exc)
+                state.close()
+                continue
+            device = None
+            if config.log_device:
+                try:
+                    device = self._open_device(config)
+                except (DeviceError, OSError) as exc:
+                    log.error(
+                        "%s restored log: log device %s unavailable (%s); flushes will "
+                        "fail with -EIO",
+                        tag(ident.uuid),
+                        config.log_device,
+                        exc,
+                    )
+            rl = RegionLog(
+                config,
+                state.clean,
+                state.sync,
+                local_node=self.local_node,
+                device_id=_device_id(device, config),
+            )
+            rl.restore_scalars(state.load_scalars())
+            if config.log_device and device is None:
+                rl.disk_failed = True
+            self.logs[(ident.uuid, ident.luid)] = Entry(rl, state, device)
+            log.info(
+                "%s restored luid=%#x from %s: %s",
+                tag(ident.uuid),
+                ident.luid,
+                state.path.name,
+                rl.describe(),
+            )
+
+    def _dtr(self, entry: Entry, request: wire.Request) -> list[Action]:
+        del self.logs[request.key]
+        if entry.device is not None:
+            entry.device.close()
+        entry.state.remove()
+        log.info("%s DTR luid=%#x", tag(request.uuid), request.luid)
+        return [self._reply(request)]
+
+    def _presuspend(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, entry.log.presuspend())]
+
+    def _postsuspend(self, entry: Entry, request: wire.Request) -> list[Action]:
+        entry.log.postsuspend()
+        return self._write_then_reply(entry, request)
+
+    def _resume(self, entry: Entry, request: wire.Request) -> list[Action]:
+        rl = entry.log
+        if entry.predecessor is not None and not rl.resumed:
+            previous = self.logs.get(entry.predecessor)
+            if previous is not None:
+                rl.adopt(previous.log)  # its final state, now that it is suspended
+            entry.predecessor = None
+        if rl.resume() is Resume.DONE:
+            return [self._reply(request)]
+        if entry.device is None:
+            rl.load_disk(None, 0, read_failed=True)
+            return [self._reply(request, p.EIO)]
+        device = entry.device
+        nbytes = disklog.io_size(rl.region_count, device.block_size)
+
+        def loaded(data: bytes | None, error: OSError | None) -> list[Action]:
+            if error is not None or data is None:
+                log.error("%s RESUME: reading the log device failed: %s", tag(request.uuid), error)
+                rl.load_disk(None, 0, read_failed=True)
+            else:
+                try:
+                    image = disklog.parse_image(data, rl.region_count)
+                except disklog.DiskFormatError as exc:
+                    log.error(
+                        "%s RESUME: on-disk log unusable (%s): resyncing every region",
+                        tag(request.uuid),
+                        exc,
+                    )
+                    rl.load_disk(None, 0, read_failed=False)
+                else:
+                    if not image.valid:
+                        log.info(
+                            "%s RESUME: no valid log on the device: initialising it",
+                            tag(request.uuid),
+                        )
+                    rl.load_disk(
+                        image.clean if image.valid else None, image.nr_regions, read_failed=False
+                    )
+            log.info("%s RESUME: %s", tag(request.uuid), rl.describe())
+            self._save(entry)
+            return self._write_then_reply(entry, request)
+
+        return self._io(entry, DiskRead(self._token(), device, nbytes, request.uuid), loaded)
+
+    def _write_then_reply(
+        self, entry: Entry, request: wire.Request, error: int = 0
+    ) -> list[Action]:
+        """Write the log's changed disk chunks (if any), then reply."""
+        rl = entry.log
+        work = rl.take_disk_work()
+        if work is False:
+            return [self._reply(request, error)]
+        if entry.device is None:
+            return [self._reply(request, rl.disk_written(False))]
+        chunks = None if work is None or work is True else work
+        extents = disklog.plan_write(rl.clean, rl.region_count, chunks, entry.device.block_size)
+
+        def written(_data: bytes | None, exc: OSError | None) -> list[Action]:
+            if exc is not None:
+                log.error(
+                    "%s %s: writing the log device failed: %s",
+                    tag(request.uuid),
+                    p.type_name(request.request_type),
+                    exc,
+                )
+            result = rl.disk_written(exc is None)
+            self._save(entry)
+            return [self._reply(request, error or result)]
+
+        return self._io(
+            entry, DiskWrite(self._token(), entry.device, extents, request.uuid), written
+        )
+
+    def _save(self, entry: Entry) -> None:
+        if entry.log.scalars_changed:
+            entry.state.save_scalars(entry.log.scalars())
+            entry.log.scalars_changed = False
+
+    # ------------------------------------------------------------------ region requests
+    def _get_region_size(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, 0, _U64.pack(entry.log.config.region_size))]
+
+    def _is_clean(self, entry: Entry, request: wire.Request) -> list[Action]:
+        err, value = entry.log.is_clean(_U64.unpack(request.data)[0])
+        return [self._reply(request, err, _S64.pack(value))]
+
+    def _in_sync(self, entry: Entry, request: wire.Request) -> list[Action]:
+        err, value = entry.log.in_sync(_U64.unpack(request.data)[0])
+        return [self._reply(request, err, _S64.pack(value))]
+
+    def _flush(self, entry: Entry, request: wire.Request) -> list[Action]:
+        marks = _regions(request.data)
+        err = entry.log.flush(self.local_node, marks)
+        if err:
+            return [self._reply(request, err)]
+        return self._write_then_reply(entry, request)
+
+    def _mark(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, entry.log.mark(self.local_node, _regions(request.data)))]
+
+    def _clear(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, entry.log.clear(self.local_node, _regions(request.data)))]
+
+    def _get_resync_work(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, 0, _PAIR.pack(*entry.log.get_resync_work(self.local_node)))]
+
+    def _set_region_sync(self, entry: Entry, request: wire.Request) -> list[Action]:
+        region, in_sync = _REGION_SYNC.unpack(request.data)
+        return [
+            self._reply(request, entry.log.set_region_sync(self.local_node, region, bool(in_sync)))
+        ]
+
+    def _get_sync_count(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, 0, _U64.pack(entry.log.sync_count))]
+
+    def _status_info(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, 0, entry.log.status_info().encode() + b"\0")]
+
+    def _status_table(self, entry: Entry, request: wire.Request) -> list[Action]:
+        return [self._reply(request, 0, entry.log.status_table().encode() + b"\0")]
+
+    def _is_remote_recovering(self, entry: Entry, request: wire.Request) -> list[Action]:
+        region = _U64.unpack(request.data)[0]
+        err, recovering, hint = entry.log.is_remote_recovering(self.local_node, region)
+        return [self._reply(request, err, _PAIR.pack(recovering, hint))]
+
+    # ------------------------------------------------------------------ introspection
+    def dump(self) -> list[str]:
+        """One line per log (SIGUSR1)."""
+        return [
+            f"{tag(uuid)} luid={luid:#x} {entry.log.describe()}"
+            + (f" queued={len(entry.queue)}" if entry.queue else "")
+            for (uuid, luid), entry in sorted(self.logs.items())
+        ]
+
+    def close(self) -> None:
+        for entry in self.logs.values():
+            if entry.device is not None:
+                entry.device.close()
+            entry.state.close()
+
+
+def _regions(data: bytes) -> memoryview | tuple[()]:
+    return memoryview(data).cast("Q") if data else ()
+
+
+def _device_id(device: LogDevice | None, config: ctr.LogConfig) -> str | None:
+    if not config.log_device:
+        return None
+    if device is not None and device.rdev is not None:
+        return f"{device.rdev[0]}:{device.rdev[1]}"
+    return config.log_device

@@ -1,0 +1,320 @@
+"""Netlink connector datagrams carrying ``struct dm_ulog_request``: decode and encode (pure).
+
+Theory of operation
+-------------------
+A datagram is ``nlmsghdr`` (16 bytes) + ``cn_msg`` (20 bytes) + the request header + payload,
+every integer in host byte order, packed without alignment (the request starts at byte 36).
+Each layer is described by a table of ``(field, struct code)`` pairs, read like the C
+headers; a :class:`Layout` glues the three tables into one precompiled ``struct.Struct`` so a
+request is decoded with a single ``unpack_from``.  Two request layouts exist:
+
+* ``CURRENT`` — protocol versions 1-3 (Linux 2.6.31+): ``luid``, ``uuid``, ``version``, … 160 bytes.
+  Versions 1-3 share the layout; they differ in meaning only (v2: CTR may answer with a log
+  device name; v3: FLUSH may carry marks).  A ``version`` of 0 is a v1 kernel (the field was
+  padding before v2).
+* ``LEGACY_2009`` — the original header without ``luid``/``version`` (152 bytes).
+
+:func:`decode` never raises: it returns either a :class:`Request` or a :class:`Rejected`
+that says why and whether the sequence number could be read, so the caller can still answer
+with an error instead of leaving the kernel to time out.  Replies are built by
+:func:`encode_reply` (full reply keyed by the request's ``seq``) or :func:`encode_ack`
+(the header-only form the kernel matches on ``cn_msg.seq``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ulogd import protocol as p
+
+NLMSGHDR: tuple[tuple[str, str], ...] = (
+    ("nlmsg_len", "I"),
+    ("nlmsg_type", "H"),
+    ("nlmsg_flags", "H"),
+    ("nlmsg_seq", "I"),
+    ("nlmsg_pid", "I"),
+)
+CN_MSG: tuple[tuple[str, str], ...] = (
+    ("cn_idx", "I"),
+    ("cn_val", "I"),
+    ("cn_seq", "I"),
+    ("cn_ack", "I"),
+    ("cn_len", "H"),
+    ("cn_flags", "H"),
+)
+ULOG_REQUEST_V1_3: tuple[tuple[str, str], ...] = (
+    ("luid", "Q"),
+    ("uuid", f"{p.DM_UUID_LEN}s"),
+    ("padding", "3s"),
+    ("version", "I"),
+    ("error", "i"),
+    ("seq", "I"),
+    ("request_type", "I"),
+    ("data_size", "I"),
+)
+ULOG_REQUEST_2009: tuple[tuple[str, str], ...] = (
+    ("uuid", f"{p.DM_UUID_LEN}s"),
+    ("padding", "7s"),
+    ("error", "i"),
+    ("seq", "I"),
+    ("request_type", "I"),
+    ("data_size", "I"),
+)
+
+
+class Layout:
+    """One complete datagram layout: netlink header, connector header, request header."""
+
+    def __init__(self, name: str, request: tuple[tuple[str, str], ...]) -> None:
+        self.name = name
+        self.fields = NLMSGHDR + CN_MSG + request
+        self.names = tuple(n for n, _ in self.fields)
+        self.struct = struct.Struct("=" + "".join(code for _, code in self.fields))
+        self.header_size = self.struct.size
+        self.prefix_size = struct.calcsize("=" + "".join(c for _, c in NLMSGHDR + CN_MSG))
+        self.request_size = self.header_size - self.prefix_size
+        self.has_luid = "luid" in self.names
+        self._index = {n: i for i, n in enumerate(self.names)}
+        # Offsets of the fields a reply rewrites, and of the seq for partial datagrams.
+        offset = 0
+        self.offsets: dict[str, int] = {}
+        for name, code in self.fields:
+            self.offsets[name] = offset
+            offset += struct.calcsize("=" + code)
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def __repr__(self) -> str:
+        return f"Layout({self.name}, {self.request_size}-byte request)"
+
+
+CURRENT = Layout("current", ULOG_REQUEST_V1_3)
+LEGACY_2009 = Layout("legacy-2009", ULOG_REQUEST_2009)
+LAYOUTS = {CURRENT.name: CURRENT, LEGACY_2009.name: LEGACY_2009}
+
+_ACK = struct.Struct("=IHHII" + "IIIIHH")
+
+
+@dataclass(slots=True)
+class Request:
+    """A decoded kernel request.  ``request_type`` is already masked with 0xFF."""
+
+    luid: int
+    uuid: str
+    version: int
+    seq: int
+    request_type: int
+    data: bytes
+    raw_header: bytes = field(repr=False)
+    layout: Layout = field(repr=False, default=CURRENT)
+    cn_seq: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.uuid, self.luid)
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A datagram that is not a usable request, and how (if at all) it can be answered."""
+
+    reason: str
+    #: the reply to send (an error for a readable kernel request), or None to drop silently
+    reply: bytes | None = None
+    #: True when the datagram did not come from the kernel (logged at a higher level)
+    foreign: bool = False
+
+
+def decode(
+    datagram: bytes | bytearray | memoryview, layout: Layout = CURRENT, sender_port: int = 0
+) -> Request | Rejected:
+    """Decode one datagram; never raises."""
+    size = len(datagram)
+    if sender_port != 0:
+        return Rejected(f"datagram from netlink port {sender_port}, not the kernel", foreign=True)
+    if size < layout.prefix_size:
+        return Rejected(f"truncated datagram of {size} bytes (< {layout.prefix_size})")
+    nl_len, nl_type, _fl, _nseq, nl_pid, idx, val, cn_seq, _ack, cn_len, _cfl = _ACK.unpack_from(
+        datagram
+    )
+    if nl_pid != 0:
+        return Rejected(f"datagram claims netlink pid {nl_pid}, not the kernel", foreign=True)
+    if (idx, val) != (p.CN_IDX_DM, p.CN_VAL_DM_USERSPACE_LOG):
+        return Rejected(f"connector id ({idx},{val}) is not dm-log-userspace (7,1)", foreign=True)
+    if nl_type != p.NLMSG_DONE:
+        return Rejected(f"nlmsg_type {nl_type} is not NLMSG_DONE")
+    if cn_len == 0:
+        return Rejected("connector message without a request (len 0)")
+    if nl_len > size or layout.prefix_size + cn_len > min(nl_len, size):
+        # The lengths lie.  If the connector sequence number is readable, the kernel can
+        # still be told (ack-only replies are matched on cn_msg.seq).
+        return Rejected(
+            f"lengths disagree: datagram {size} B, nlmsg_len {nl_len}, cn_msg.len {cn_len}",
+            reply=encode_ack(cn_seq, -p.EINVAL),
+        )
+    if cn_len < layout.request_size:
+        return Rejected(
+            f"request of {cn_len} bytes is shorter than the {layout.request_size}-byte header",
+            reply=encode_ack(cn_seq, -p.EINVAL),
+        )
+    values = layout.struct.unpack_from(datagram)
+    fields = dict(zip(layout.names, values, strict=True))
+    data_size = fields["data_size"]
+    raw_type = fields["request_type"]
+    request_type = raw_type & p.REQUEST_TYPE_MASK
+    version = fields.get("version", 1)
+    header = bytes(datagram[layout.prefix_size : layout.header_size])
+    if layout.request_size + data_size != cn_len:
+        return Rejected(
+            f"data_size {data_size} disagrees with cn_msg.len {cn_len}",
+            reply=_error_reply(layout, header, p.EINVAL),
+        )
+    if request_type not in p.SPECS:
+        return Rejected(
+            f"unknown request type {raw_type:#x}",
+            reply=_error_reply(layout, header, p.EINVAL),
+        )
+    if version > p.PROTOCOL_VERSION:
+        return Rejected(
+            f"unsupported protocol version {version} (ulogd speaks 1..{p.PROTOCOL_VERSION})",
+            reply=_error_reply(layout, header, p.EINVAL),
+        )
+    data = bytes(datagram[layout.header_size : layout.header_size + data_size])
+    problem = p.payload_error(request_type, max(version, 1), data_size)
+    if problem:
+        return Rejected(
+            f"{p.type_name(request_type)} {problem}", reply=_error_reply(layout, header, p.EINVAL)
+        )
+    raw_uuid = fields["uuid"]
+    end = raw_uuid.find(b"\0")
+    uuid = (raw_uuid if end < 0 else raw_uuid[:end]).decode("ascii", "backslashreplace")
+    return Request(
+        luid=fields.get("luid", 0),
+        uuid=uuid,
+        version=max(version, 1),
+        seq=fields["seq"],
+        request_type=request_type,
+        data=data,
+        raw_header=header,
+        layout=layout,
+        cn_seq=cn_seq,
+    )
+
+
+def _error_reply(layout: Layout, header: bytes, error: int) -> bytes:
+    return _build(layout, header, error, b"")
+
+
+def _build(layout: Layout, header: bytes, error: int, payload: bytes) -> bytes:
+    req = bytearray(header)
+    base = layout.prefix_size
+    struct.pack_into("=i", req, layout.offsets["error"] - base, error)
+    struct.pack_into("=I", req, layout.offsets["data_size"] - base, len(payload))
+    cn_len = len(req) + len(payload)
+    prefix = _ACK.pack(
+        layout.prefix_size + cn_len,
+        p.NLMSG_DONE,
+        0,
+        0,
+        0,
+        p.CN_IDX_DM,
+        p.CN_VAL_DM_USERSPACE_LOG,
+        0,
+        0,
+        cn_len,
+        0,
+    )
+    return prefix + bytes(req) + payload
+
+
+def encode_reply(request: Request, error: int = 0, payload: bytes = b"") -> bytes:
+    """A full reply to ``request``: its header with ``error``/``data_size`` and ``payload``.
+
+    ``error`` is 0 or a negative errno.  A non-zero error never carries a payload.  The
+    payload must fit the kernel's buffer for that type (:data:`protocol.SPECS`); exceeding it
+    is a programming error and raises ``ValueError``.
+    """
+    if error:
+        payload = b""
+    capacity = p.SPECS[request.request_type].reply_capacity
+    if len(payload) > capacity:
+        raise ValueError(
+            f"{p.type_name(request.request_type)} reply of {len(payload)} bytes exceeds the "
+            f"kernel's {capacity}-byte buffer"
+        )
+    return _build(request.layout, request.raw_header, error, payload)
+
+
+def encode_ack(cn_seq: int, error: int) -> bytes:
+    """The header-only reply form: the kernel matches it on ``cn_msg.seq``; result = -ack."""
+    return _ACK.pack(
+        36, p.NLMSG_DONE, 0, 0, 0, p.CN_IDX_DM, p.CN_VAL_DM_USERSPACE_LOG, cn_seq, -error, 0, 0
+    )
+
+
+def encode_request(
+    request_type: int,
+    *,
+    uuid: str,
+    luid: int = 0,
+    seq: int = 0,
+    data: bytes = b"",
+    version: int = p.PROTOCOL_VERSION,
+    error: int = 0,
+    layout: Layout = CURRENT,
+) -> bytes:
+    """Build a kernel-format request datagram (what the kernel sends; used by tests, the test
+    transport's clients and benchmarks)."""
+    values = {
+        "luid": luid,
+        "uuid": uuid.encode("ascii"),
+        "padding": b"",
+        "version": version,
+        "error": error,
+        "seq": seq,
+        "request_type": request_type,
+        "data_size": len(data),
+    }
+    cn_len = layout.request_size + len(data)
+    prefix = {
+        "nlmsg_len": layout.prefix_size + cn_len,
+        "nlmsg_type": p.NLMSG_DONE,
+        "nlmsg_flags": 0,
+        "nlmsg_seq": seq,
+        "nlmsg_pid": 0,
+        "cn_idx": p.CN_IDX_DM,
+        "cn_val": p.CN_VAL_DM_USERSPACE_LOG,
+        "cn_seq": seq,
+        "cn_ack": 0,
+        "cn_len": cn_len,
+        "cn_flags": 0,
+    }
+    prefix.update(values)
+    return layout.struct.pack(*(prefix[n] for n in layout.names)) + data
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded reply (what the kernel would see): for tests, replay and clients."""
+
+    seq: int
+    error: int
+    data: bytes
+    ack_only: bool = False
+
+
+def decode_reply(datagram: bytes, layout: Layout = CURRENT) -> Reply:
+    """Decode a reply datagram as the kernel's ``cn_ulog_callback`` would; raises ValueError."""
+    if len(datagram) < layout.prefix_size:
+        raise ValueError(f"reply of {len(datagram)} bytes is shorter than the headers")
+    *_, cn_seq, cn_ack, cn_len, _flags = _ACK.unpack_from(datagram)
+    if cn_len == 0:
+        return Reply(seq=cn_seq, error=-cn_ack, data=b"", ack_only=True)
+    if cn_len < layout.request_size or len(datagram) < layout.prefix_size + cn_len:
+        raise ValueError(f"incomplete reply (cn_msg.len {cn_len}, {len(datagram)} bytes)")
+    fields = dict(zip(layout.names, layout.struct.unpack_from(datagram), strict=True))
+    size = fields["data_size"]
+    data = bytes(datagram[layout.header_size : layout.header_size + size])
+    return Reply(seq=fields["seq"], error=fields["error"], data=data)
