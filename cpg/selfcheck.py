@@ -34,6 +34,10 @@ import cffi
 from . import _ffi
 
 
+class DriftError(Exception):
+    """The declarations could not even be built or laid out against the headers."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Mismatch:
     fact: str
@@ -71,11 +75,21 @@ def build_api(cdef: str, tmpdir: Path) -> tuple[cffi.FFI, Any]:
 
 
 def compare(cdef: str, tmpdir: Path) -> list[Mismatch]:
-    """Build *cdef* both ways and return every disagreement (empty list: no drift)."""
-    api_ffi, api_lib = build_api(cdef, tmpdir)
+    """Build *cdef* both ways and return every disagreement (empty list: no drift).
+
+    Raises :class:`DriftError` when the API build fails (a prototype disagrees with the header)
+    or cffi refuses a struct whose declared field sizes contradict the compiler.
+    """
+    try:
+        api_ffi, api_lib = build_api(cdef, tmpdir)
+    except (cffi.VerificationError, cffi.CDefError) as exc:
+        raise DriftError(f"API-mode build against the headers failed: {exc}") from exc
     abi_ffi = _ffi.make_ffi(cdef)
     abi = _ffi.layout_facts(abi_ffi, abi_ffi.dlopen(None), cdef)
-    api = _ffi.layout_facts(api_ffi, api_lib, cdef)
+    try:
+        api = _ffi.layout_facts(api_ffi, api_lib, cdef)
+    except api_ffi.error as exc:
+        raise DriftError(f"layout disagrees with the headers: {exc}") from exc
     return [
         Mismatch(fact, abi.get(fact), api.get(fact))
         for fact in sorted(set(abi) | set(api))
@@ -98,7 +112,11 @@ def run(tmpdir: Path | None = None) -> list[Mismatch]:
 
 
 def main() -> int:
-    mismatches = run()
+    try:
+        mismatches = run()
+    except DriftError as exc:
+        print(exc)
+        return 1
     for mismatch in mismatches:
         print(mismatch)
     print(f"{fact_count()} facts compared, {len(mismatches)} mismatches")
