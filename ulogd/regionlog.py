@@ -73,7 +73,7 @@ def padded_bits(region_count: int) -> int:
 
 
 def new_bitmaps(config: LogConfig) -> tuple[bitarray, bitarray]:
-    """Fresh in-memory bitmaps: every region clean; in sync only with ``nosync``."""
+    """Fresh in-memory bitmaps for a new log (see :func:`initialise`)."""
     n = config.region_count
     clean = bitarray(padded_bits(n), endian="little")
     sync = bitarray(padded_bits(n), endian="little")
@@ -82,12 +82,14 @@ def new_bitmaps(config: LogConfig) -> tuple[bitarray, bitarray]:
 
 
 def initialise(config: LogConfig, clean: bitarray, sync: bitarray) -> None:
+    """A new log: in sync only with ``nosync``; clean exactly where in sync (no write is
+    outstanding yet, but a region that must be recovered is never called clean)."""
     n = config.region_count
     clean.setall(0)
     sync.setall(0)
-    clean[:n] = 1
     if config.sync is SyncMode.NOSYNC:
         sync[:n] = 1
+        clean[:n] = 1
 
 
 class RegionLog:
@@ -253,12 +255,11 @@ class RegionLog:
             if not self.sync[r]:
                 return self._assign(node, r)
         n = self.region_count
-        if self.sync_search >= n:
-            return 0, 0
-        r = self.sync.find(0, self.sync_search, n)
+        r = self.sync.find(0, self.sync_search, n) if self.sync_search < n else -1
         if r < 0:
-            self.sync_search = n + 1
-            self.scalars_changed = True
+            if self.sync_search != n + 1:
+                self.sync_search = n + 1  # makes the hint the region count
+                self.scalars_changed = True
             return 0, 0
         self.sync_search = r + 1
         return self._assign(node, r)

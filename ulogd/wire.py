@@ -152,12 +152,12 @@ def decode(
         # still be told (ack-only replies are matched on cn_msg.seq).
         return Rejected(
             f"lengths disagree: datagram {size} B, nlmsg_len {nl_len}, cn_msg.len {cn_len}",
-            reply=encode_ack(cn_seq, -p.EINVAL),
+            reply=encode_ack(cn_seq, p.EINVAL),
         )
     if cn_len < layout.request_size:
         return Rejected(
             f"request of {cn_len} bytes is shorter than the {layout.request_size}-byte header",
-            reply=encode_ack(cn_seq, -p.EINVAL),
+            reply=encode_ack(cn_seq, p.EINVAL),
         )
     values = layout.struct.unpack_from(datagram)
     fields = dict(zip(layout.names, values, strict=True))

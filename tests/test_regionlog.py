@@ -1,0 +1,240 @@
+"""The region log's rules, one behaviour per test, plus invariants under random requests."""
+
+from __future__ import annotations
+
+from bitarray import bitarray
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ulogd import ctr
+from ulogd import protocol as p
+from ulogd.regionlog import RegionLog, Resume, new_bitmaps
+
+A, B = 1, 2
+
+
+def make(text: bytes = b"1024 clustered-core 64", node: int = A) -> RegionLog:
+    config = ctr.parse(text)
+    clean, sync = new_bitmaps(config)
+    return RegionLog(config, clean, sync, local_node=node, device_id="7:2")
+
+
+def resync_all(rl: RegionLog, node: int = A) -> int:
+    n = 0
+    while True:
+        i, r = rl.get_resync_work(node)
+        if not i:
+            return n
+        assert rl.set_region_sync(node, r, True) == 0
+        rl.clear(node, [r])
+        n += 1
+
+
+def test_new_log_is_out_of_sync_and_not_clean_unless_nosync() -> None:
+    rl = make()
+    assert rl.region_count == 16 and rl.sync_count == 0
+    assert all(rl.is_clean(r) == (0, 0) for r in range(16))
+    nosync = make(b"1024 core 64 nosync")
+    assert nosync.sync_count == 16 and all(nosync.is_clean(r) == (0, 1) for r in range(16))
+
+
+def test_full_resync_visits_every_region_once_then_sets_override() -> None:
+    rl = make()
+    assert rl.resume() is Resume.DONE
+    assert resync_all(rl) == 16
+    assert rl.sync_count == 16 and rl.in_sync_override
+    assert rl.get_resync_work(A) == (0, 0)
+    assert rl.hint() == 16
+
+
+def test_resync_work_is_repeated_for_the_recoverer_and_refused_to_others() -> None:
+    rl = make()
+    assert rl.get_resync_work(A) == (1, 0)
+    assert rl.get_resync_work(A) == (1, 0)  # kernel retry
+    assert rl.get_resync_work(B) == (0, 0)  # one region at a time
+    rl.set_region_sync(A, 0, True)
+    assert rl.get_resync_work(B) == (1, 1)
+
+
+def test_only_the_recovering_region_ends_a_recovery() -> None:
+    rl = make()
+    rl.get_resync_work(A)  # region 0
+    rl.set_region_sync(B, 9, False)  # another node's write failure elsewhere
+    assert rl.recovering == 0 and rl.get_resync_work(B) == (0, 0)
+
+
+def test_mark_makes_dirty_and_clear_makes_clean_only_when_in_sync() -> None:
+    rl = make(b"1024 core 64 nosync")
+    assert rl.mark(A, [3]) == 0 and rl.is_clean(3) == (0, 0)
+    assert rl.clear(A, [3]) == 0 and rl.is_clean(3) == (0, 1)
+    rl.set_region_sync(A, 5, False)
+    assert rl.is_clean(5) == (0, 0)
+    rl.clear(A, [5])
+    assert rl.is_clean(5) == (0, 0)  # an out-of-sync region is never made clean
+
+
+def test_region_stays_dirty_while_another_node_holds_a_mark() -> None:
+    rl = make(b"1024 core 64 nosync")
+    rl.mark(A, [4])
+    rl.mark(B, [4])
+    rl.clear(A, [4])
+    assert rl.is_clean(4) == (0, 0)
+    rl.clear(B, [4])
+    assert rl.is_clean(4) == (0, 1)
+
+
+def test_integrated_flush_applies_its_marks() -> None:
+    rl = make(b"1024 core 64 nosync")
+    assert rl.flush(A, [1, 2]) == 0
+    assert rl.is_clean(1) == (0, 0) and rl.is_clean(2) == (0, 0)
+
+
+def test_every_region_number_is_bounds_checked() -> None:
+    rl = make(b"1024 core 64 nosync")
+    assert rl.mark(A, [1, 16]) == p.EINVAL
+    assert rl.is_clean(1) == (0, 1) and not rl.holders  # nothing applied from a rejected batch
+    assert rl.clear(A, [99]) == p.EINVAL
+    assert rl.is_clean(16)[0] == p.EINVAL
+    assert rl.in_sync(16)[0] == p.EINVAL
+    assert rl.set_region_sync(A, 16, True) == p.EINVAL
+    assert rl.is_remote_recovering(A, 16)[0] == p.EINVAL
+
+
+def test_in_sync_override_answers_one_after_a_full_resync() -> None:
+    rl = make()
+    rl.resume()
+    resync_all(rl)
+    rl.set_region_sync(A, 7, False)
+    assert rl.in_sync(7) == (0, 1)
+    assert rl.sync_count == 15
+    rl.postsuspend()
+    rl.resume()
+    assert rl.in_sync(7) == (0, 0)  # cleared at resume
+
+
+def test_lost_sync_moves_the_search_back() -> None:
+    rl = make()
+    rl.resume()
+    resync_all(rl)
+    rl.postsuspend()
+    rl.resume()
+    rl.set_region_sync(A, 3, False)
+    assert rl.get_resync_work(A) == (1, 3)
+
+
+def test_remote_recovering_only_with_other_members() -> None:
+    rl = make()
+    assert rl.is_remote_recovering(A, 2) == (0, 0, 0)
+    rl.members.add(B)
+    err, rec, _hint = rl.is_remote_recovering(A, 2)
+    assert (err, rec) == (0, 1)
+    assert rl.get_resync_work(A) == (1, 2)  # written regions are recovered first
+    rl.presuspend()
+    assert rl.is_remote_recovering(A, 3) == (0, 0, 16)
+
+
+def test_departed_node_regions_lose_sync_and_its_recovery_is_handed_out() -> None:
+    rl = make(b"1024 core 64 nosync")
+    rl.members |= {B}
+    rl.mark(B, [1, 2])
+    rl.mark(A, [2])
+    rl.get_resync_work(B)
+    lost = rl.node_departed(B)
+    assert lost == [1, 2]
+    assert rl.sync_count == 14 and rl.in_sync(1) == (0, 0)
+    assert rl.get_resync_work(A)[0] == 1
+
+
+def test_disk_load_follows_the_kernel_disk_log_rules() -> None:
+    rl = make(b"1024 clustered-disk 7:2 64")
+    assert rl.resume() is Resume.NEEDS_DISK
+    image = bitarray("1011" + "0" * 4, endian="little")
+    rl.load_disk(image, nr_regions=8, read_failed=False)
+    assert rl.resumed and rl.disk_loaded
+    assert [rl.sync[r] for r in range(16)] == [1, 0, 1, 1] + [0] * 12
+    assert rl.sync_count == 3
+    assert rl.take_disk_work() is None  # write everything back once
+
+
+def test_nosync_keyword_reinitialises_a_disk_log() -> None:
+    rl = make(b"1024 clustered-disk 7:2 64 nosync")
+    rl.load_disk(bitarray("0" * 16, endian="little"), nr_regions=16, read_failed=False)
+    assert rl.sync_count == 16
+
+
+def test_unreadable_disk_means_everything_out_of_sync_and_failed() -> None:
+    rl = make(b"1024 clustered-disk 7:2 64")
+    rl.load_disk(None, 0, read_failed=True)
+    assert rl.sync_count == 0 and rl.disk_failed and rl.status_info() == "3 clustered-disk 7:2 D"
+
+
+def test_disk_work_names_the_changed_chunks_only() -> None:
+    rl = make(b"16777216 clustered-disk 7:2 2 nosync")  # 8 M regions
+    rl.load_disk(None, 0, read_failed=False)
+    rl.take_disk_work()
+    assert rl.take_disk_work() is False
+    rl.mark(A, [5, 4096 * 3 + 1])
+    assert rl.take_disk_work() == {0, 3}
+    rl.mark(A, [5])  # already dirty: nothing changes on disk
+    assert rl.take_disk_work() is False
+    assert rl.disk_written(False) == p.EIO and rl.take_disk_work() is None
+
+
+def test_status_strings() -> None:
+    assert make().status_info() == "1 clustered-core"
+    assert make().status_table() == "clustered-core 64  "
+    assert (
+        make(b"1024 clustered-core 64 nosync block_on_error").status_table()
+        == "clustered-core 64 nosync block_on_error "
+    )
+    assert make(b"1024 clustered-disk 7:2 64").status_info() == "3 clustered-disk 7:2 A"
+    assert make(b"1024 core 64").status_table() == "core 1 64 "
+    assert make(b"1024 disk 7:2 64 sync").status_table() == "disk 3 7:2 64 sync "
+
+
+def test_reload_adopts_the_previous_state() -> None:
+    old = make()
+    old.resume()
+    resync_all(old)
+    old.mark(A, [3])
+    new = make()
+    new.adopt(old)
+    assert new.sync_count == 16 and new.is_clean(3) == (0, 0) and new.holders == {3: {A}}
+
+
+ops = st.one_of(
+    st.tuples(st.just("mark"), st.sampled_from([A, B]), st.lists(st.integers(0, 15), max_size=4)),
+    st.tuples(st.just("clear"), st.sampled_from([A, B]), st.lists(st.integers(0, 15), max_size=4)),
+    st.tuples(st.just("work"), st.sampled_from([A, B]), st.just([])),
+    st.tuples(st.just("sync"), st.sampled_from([A, B]), st.lists(st.integers(0, 15), max_size=1)),
+    st.tuples(st.just("unsync"), st.sampled_from([A, B]), st.lists(st.integers(0, 15), max_size=1)),
+    st.tuples(st.just("depart"), st.just(B), st.just([])),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(ops, max_size=60))
+def test_invariants_hold_under_any_request_sequence(seq: list) -> None:
+    rl = make()
+    rl.members |= {B}
+    rl.resume()
+    for op, node, regions in seq:
+        if op == "mark":
+            rl.mark(node, regions)
+        elif op == "clear":
+            rl.clear(node, regions)
+        elif op == "work":
+            rl.get_resync_work(node)
+        elif op in ("sync", "unsync") and regions:
+            rl.set_region_sync(node, regions[0], op == "sync")
+        elif op == "depart":
+            rl.node_departed(node)
+            rl.members.add(node)
+        n = rl.region_count
+        assert rl.sync_count == rl.sync.count(1, 0, n)
+        assert not rl.sync[n:].any() and not rl.clean[n:].any()
+        for r in range(n):
+            if rl.holders.get(r):
+                assert not rl.clean[r], "a held region is clean"
+            if rl.clean[r]:
+                assert rl.sync[r], "an out-of-sync region is clean"
