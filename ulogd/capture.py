@@ -65,7 +65,8 @@ Writing, threading
 :meth:`CaptureWriter.record` is on the daemon's reply path, so it only checks two flags,
 copies the datagram if it is a mutable buffer, takes a timestamp (``time.time_ns()``, a vDSO
 call, when none is given) and appends a tuple to a :class:`collections.deque` -- O(1), no
-locks, no system calls.  The encoding into blocks and the file writes happen elsewhere:
+system calls, and no lock except one ``Event.set()`` per ``batch_size`` records to wake the
+writer early.  The encoding into blocks and the file writes happen elsewhere:
 
 * ``background=True`` (default): a daemon thread wakes every ``flush_interval`` seconds (or
   as soon as ``batch_size`` records are pending, signalled at most once per batch) and writes
@@ -74,7 +75,10 @@ locks, no system calls.  The encoding into blocks and the file writes happen els
   idle.
 
 :meth:`CaptureWriter.flush` may be called in either mode and from any thread: it writes
-everything recorded before the call.  :meth:`CaptureWriter.close` stops the thread, drains
+everything recorded before the call.  The background thread encodes in Python, so while it
+is busy it competes for the GIL (a ``record()`` may then wait up to the interpreter's switch
+interval, 5 ms by default); a daemon that cannot afford that tail uses ``background=False``
+and flushes from its own loop when idle.  :meth:`CaptureWriter.close` stops the thread, drains
 everything still pending and closes the file if the writer opened it (a file object passed
 in is flushed, not closed).  Records made after close are ignored.
 
@@ -394,7 +398,7 @@ class CaptureWriter:
 
     @property
     def recorded(self) -> int:
-        """Datagrams accepted by :meth:`record`."""
+        """Datagrams accepted by :meth:`record` (approximate if several threads record)."""
         return self._recorded
 
     @property
