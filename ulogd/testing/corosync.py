@@ -614,9 +614,14 @@ class MemberClient:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def of(self, ev: str) -> list[dict[str, Any]]:
+    def mark(self) -> int:
+        """Index of the next event (for ``wait_for(..., after=mark)``)."""
         with self._cond:
-            return [e for e in self.events if e["ev"] == ev]
+            return len(self.events)
+
+    def of(self, ev: str, after: int = 0) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events[after:] if e["ev"] == ev]
 
     def wait_for(
         self, ev: str, timeout: float = 10.0, pred: Any = None, after: int = 0
