@@ -17,6 +17,8 @@ Commands (words separated by spaces)::
     quiet 0|1                 stop/start reporting each message (default: report)
     burst COUNT SIZE          queue COUNT messages of SIZE bytes -> {"ev": "burst_sent", ...}
     ping COUNT SIZE           one in flight, COUNT times -> {"ev": "ping", "us": [...]}
+    expect COUNT              -> {"ev": "expected", "seconds"} once COUNT more burst messages
+                              (from anyone) have been delivered
     mcast SIZE                one raw mcast -> {"ev": "mcast", "ok", "error"}
     stats                     -> {"ev": "stats", "count", "digest", "gaps", "try_again"}
     reconnect TIMEOUT         reopen the handle (and quorum) until corosync answers, rejoin
@@ -72,6 +74,8 @@ class MemberProcess:
         self.ping_size = 0
         self.ping_sent = 0.0
         self.ping_us: list[float] = []
+        self.expect_left = 0
+        self.expect_started = 0.0
         self.stdin_buf = b""
         self.running = True
 
@@ -96,6 +100,11 @@ class MemberProcess:
                 if key in self.last_seq and seq != self.last_seq[key] + 1:
                     self.gaps += 1
                 self.last_seq[key] = seq
+                if self.expect_left > 0:
+                    self.expect_left -= 1
+                    if self.expect_left == 0:
+                        seconds = time.perf_counter() - self.expect_started
+                        self.emit("expected", seconds=seconds)
             elif kind == KIND_PING and pid == os.getpid() and nodeid == self.nodeid:
                 self.ping_us.append((time.perf_counter() - self.ping_sent) * 1e6)
                 self.ping_left -= 1
@@ -186,6 +195,9 @@ class MemberProcess:
             elif cmd == "ping":
                 self.ping_left, self.ping_size = int(args[0]), int(args[1])
                 self.send_ping()
+            elif cmd == "expect":
+                self.expect_left = int(args[0])
+                self.expect_started = time.perf_counter()
             elif cmd == "mcast":
                 assert h is not None
                 try:
