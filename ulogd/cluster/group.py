@@ -1,0 +1,513 @@
+"""One log's replica in its corosync process group: ordering, joins and departures (pure).
+
+Theory of operation
+-------------------
+Every member runs a :class:`Group` per log and feeds it, in delivery order, the group's
+configuration changes (:meth:`Group.confchg`) and messages (:meth:`Group.deliver`); its own
+kernel's requests arrive through :meth:`Group.submit`.  The group returns *actions*
+(:class:`Answer` a kernel request, :class:`Multicast` a message, :class:`WriteDisk`,
+:class:`Ready`), and the caller performs them.  All region rules stay in
+:class:`~ulogd.regionlog.RegionLog`; this module only decides *when* and *on whose behalf*
+they run:
+
+* **One total order.**  State-changing requests (MARK, CLEAR, FLUSH with its integrated marks,
+  GET_RESYNC_WORK, SET_REGION_SYNC, IS_REMOTE_RECOVERING) are multicast with agreed ordering
+  and applied by every member at delivery, with the originator's node id.  Every member's
+  replica therefore passes through the same states.  The originator answers its kernel from
+  its own replica at delivery: one ordered delivery per answer.  MARK and CLEAR are
+  acknowledged at once and ride in the batch of the next multicast (the kernel issues no data
+  write before its FLUSH returns).  Only a FLUSH that must reach the shared log device of a
+  ``clustered-disk`` log waits for a second message: the disk server (lowest node id among the
+  members holding state) writes and multicasts ``DISK_DONE``.
+* **Delivery index.**  Members count delivered events (messages and configuration changes).
+  A joiner does not know the absolute count until its checkpoint arrives; it counts from its
+  own join (0) and learns the offset (``joined_at``) from the checkpoint.
+* **Joining.**  At the configuration change that admits joiners, the lowest valid member takes a
+  snapshot *at that change* and multicasts it in chunks.  Joiners queue every event from their
+  join on; when the checkpoint is complete they load it and replay the queued events that come
+  after the snapshot point, so every request is applied exactly once.  If the sender leaves
+  before its last chunk, the next lowest valid member snapshots at the change that reported
+  the departure, and joiners drop the partial one.  When no member with state remains (all
+  joined together, or the older ones left), the lowest member of the oldest cohort becomes the
+  *master* and its own replica (or the disk) is the truth.
+* **Departures.**  A member that leaves without clearing its marks (crash, or a leave with
+  writes outstanding) may have written one leg only: every region it held and nobody else holds
+  loses sync (:meth:`RegionLog.node_departed`), its recovery assignment is handed out again,
+  and if it was the disk server the next server rewrites the whole log and answers the flushes
+  that waited for the old one, at once.
+* **Alone.**  A member that is alone in its group and has nothing in flight applies requests
+  directly (:meth:`Group.direct` is true): a one-member ring costs a full CPU per message.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ulogd import protocol as p
+from ulogd import wire
+from ulogd.cluster import checkpoint as ck
+from ulogd.cluster import messages as m
+from ulogd.protocol import RequestType as T
+from ulogd.regionlog import RegionLog
+
+log = logging.getLogger(__name__)
+
+MemberId = tuple[int, int]  # (nodeid, pid)
+
+_U64 = struct.Struct("=Q")
+_PAIR = struct.Struct("=qQ")
+_REGION_SYNC = struct.Struct("=Qq")
+
+
+class Phase(enum.Enum):
+    JOINING = "joining"  # in the group, waiting for state
+    VALID = "valid"  # holds the group's state
+    LEFT = "left"
+
+
+@dataclass(slots=True)
+class Answer:
+    request: wire.Request
+    error: int = 0
+    payload: bytes = b""
+
+
+@dataclass(slots=True)
+class Multicast:
+    data: bytes
+
+
+@dataclass(slots=True)
+class WriteDisk:
+    """The disk server must write these chunks (None = everything) and then multicast
+    ``DISK_DONE(index)`` via :meth:`Group.disk_written`."""
+
+    chunks: set[int] | None
+    index: int
+
+
+@dataclass(slots=True)
+class LeaveNow:
+    """Everything this member sent has been delivered: leave the group, then answer the
+    POSTSUSPEND that asked for it."""
+
+    request: wire.Request
+
+
+@dataclass(slots=True)
+class Ready:
+    """This member now holds the group's state.  ``master``: nobody else had it — load it
+    locally (own replica, or the disk for a disk log) before answering."""
+
+    master: bool
+
+
+Action = Answer | Multicast | WriteDisk | Ready | LeaveNow
+
+#: checkpoint chunk size: well below corosync's atomic message size (~1 MiB)
+CHUNK_SIZE = 256 * 1024
+
+
+@dataclass
+class _Assembly:
+    point: int
+    parts: int
+    joined_at: int
+    chunks: dict[int, bytes] = field(default_factory=dict)
+
+
+class Group:
+    """See the module docstring."""
+
+    def __init__(self, rl: RegionLog, me: MemberId, *, chunk_size: int = CHUNK_SIZE) -> None:
+        self.log = rl
+        self.me = me
+        self.chunk_size = chunk_size
+        self.phase = Phase.JOINING
+        self.index = 0  # absolute once VALID, relative to own join while JOINING
+        self.members: tuple[MemberId, ...] = ()
+        self.valid: set[MemberId] = set()
+        self.joiners: dict[MemberId, int] = {}  # member -> absolute index of its join
+        self.sender: MemberId | None = None  # who is sending the checkpoint in progress
+        self.ckpt_point = -1  # its snapshot point
+        self.ckpt_delivered = 0  # its chunks delivered so far
+        self.quorate = True
+        # own requests
+        self.outbox: list[m.OpRecord] = []  # MARK/CLEAR acknowledged, not yet multicast
+        self.in_flight = 0  # own messages multicast but not yet delivered
+        self.waiting: dict[int, wire.Request] = {}  # seq -> request answered at delivery
+        self.flushes: list[tuple[int, wire.Request]] = []  # (index, FLUSH) awaiting disk word
+        self.written_upto = -1  # disk server: last index known durable
+        # joining
+        self._joined_seen = False
+        self._elders: set[MemberId] = set()
+        self._cohort: set[MemberId] = set()
+        self._queue: list[tuple[int, object]] = []
+        self._assembly: _Assembly | None = None
+        self._leaving: wire.Request | None = None
+        self.dropped = 0  # corrupt or foreign messages
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def disk_server(self) -> int | None:
+        nodes = [n for n, _ in self.valid]
+        return min(nodes) if nodes else None
+
+    @property
+    def direct(self) -> bool:
+        """Alone, holding state, nothing in flight: requests need no multicast."""
+        return (
+            self.phase is Phase.VALID
+            and self.members == (self.me,)
+            and not self.in_flight
+            and not self.outbox
+        )
+
+    # ------------------------------------------------------------------ kernel side
+    def submit(self, request: wire.Request) -> list[Action]:
+        """A state-changing kernel request for this log (the caller answers the rest locally)."""
+        rl = self.log
+        rtype = request.request_type
+        data = request.data
+        if rtype in (T.MARK_REGION, T.CLEAR_REGION):
+            regions = struct.unpack(f"={len(data) // 8}Q", data)
+            if err := rl.check_regions(regions):
+                return [Answer(request, err)]
+            op = m.Op.MARK if rtype == T.MARK_REGION else m.Op.CLEAR
+            self.outbox.append(m.OpRecord(op, request.seq, regions))
+            return [Answer(request)]
+        if rtype == T.FLUSH:
+            marks = struct.unpack(f"={len(data) // 8}Q", data)
+            if err := rl.check_regions(marks):
+                return [Answer(request, err)]
+            record = m.OpRecord(m.Op.FLUSH, request.seq, marks)
+        elif rtype == T.GET_RESYNC_WORK:
+            record = m.OpRecord(m.Op.RESYNC_WORK, request.seq)
+        elif rtype == T.SET_REGION_SYNC:
+            region, in_sync = _REGION_SYNC.unpack(data)
+            if region >= rl.region_count:
+                return [Answer(request, p.EINVAL)]
+            record = m.OpRecord(m.Op.SET_SYNC, request.seq, (region, 1 if in_sync else 0))
+        elif rtype == T.IS_REMOTE_RECOVERING:
+            (region,) = _U64.unpack(data)
+            if region >= rl.region_count:
+                return [Answer(request, p.EINVAL)]
+            if rl.recovery_halted:  # presuspended here: recovery is not running
+                return [Answer(request, 0, _PAIR.pack(0, rl.region_count))]
+            record = m.OpRecord(m.Op.REMOTE_RECOVERING, request.seq, (region,))
+        else:
+            raise ValueError(f"{p.type_name(rtype)} is not routed through the group")
+        self.waiting[request.seq] = request
+        return self._send([record])
+
+    def flush_outbox(self) -> list[Action]:
+        """Multicast acknowledged MARK/CLEARs now (before a suspend, or when quorum returns)."""
+        return self._send([]) if self.outbox else []
+
+    def _send(self, tail: list[m.OpRecord]) -> list[Action]:
+        ops = self.outbox + tail
+        if not self.quorate:
+            # A member without quorum never makes a region clean: hold CLEARs back.
+            held = [o for o in ops if o.op is m.Op.CLEAR]
+            ops = [o for o in ops if o.op is not m.Op.CLEAR]
+            self.outbox = held
+        else:
+            self.outbox = []
+        if not ops:
+            return []
+        self.in_flight += 1
+        return [Multicast(m.encode_ops(ops))]
+
+    # ------------------------------------------------------------------ group side
+    def confchg(
+        self,
+        members: Sequence[MemberId],
+        left: Sequence[MemberId],
+        joined: Sequence[MemberId],
+    ) -> list[Action]:
+        members_t = tuple(sorted(members))
+        if self.phase is Phase.LEFT:
+            return []
+        if not self._joined_seen:
+            if self.me not in joined:
+                return []  # a change from before our own join
+            self._joined_seen = True
+            self.members = members_t
+            self._cohort = set(joined)
+            self._elders = set(members_t) - self._cohort
+            self.index = 0
+            self.log.members = {n for n, _ in members_t}
+            return self._maybe_master()
+        self.index += 1
+        if self.phase is Phase.JOINING:
+            self._queue.append((self.index, ("confchg", members_t, tuple(left), tuple(joined))))
+            self.members = members_t
+            self._elders -= set(left)
+            self._cohort &= set(members_t)
+            self.log.members = {n for n, _ in members_t}
+            return self._maybe_master()
+        return self._apply_confchg(members_t, tuple(left), tuple(joined))
+
+    def _maybe_master(self) -> list[Action]:
+        if self._elders:
+            return []
+        if min(self._cohort) != self.me:
+            return []  # the lowest of our cohort becomes master and sends us its state
+        # Nobody older holds state: this member's replica is the truth.
+        self.phase = Phase.VALID
+        self.valid = {self.me}
+        self.joiners = {mm: 0 for mm in self.members if mm != self.me}
+        self.sender = None
+        queued, self._queue = self._queue, []
+        actions: list[Action] = [Ready(master=True)]
+        actions += self._checkpoint_duty()
+        for idx, event in queued:
+            actions += self._replay(idx, event)
+        return actions
+
+    def _apply_confchg(
+        self,
+        members: tuple[MemberId, ...],
+        left: tuple[MemberId, ...],
+        joined: tuple[MemberId, ...],
+    ) -> list[Action]:
+        rl = self.log
+        old_server = self.disk_server
+        self.members = members
+        actions: list[Action] = []
+        present_nodes = {n for n, _ in members}
+        for member in left:
+            self.joiners.pop(member, None)
+            was_valid = member in self.valid
+            self.valid.discard(member)
+            if was_valid and member[0] not in present_nodes:
+                lost = rl.node_departed(member[0])
+                if lost:
+                    log.warning(
+                        "member %d left holding %d marked region(s): they lose sync and will "
+                        "be recovered", member[0], len(lost),
+                    )  # fmt: skip
+        for member in joined:
+            if member != self.me and member not in self.valid:
+                self.joiners[member] = self.index
+        rl.members = present_nodes
+        if self.sender in left:
+            self.sender = None  # its checkpoint will never complete: start another
+        actions += self._checkpoint_duty()
+        new_server = self.disk_server
+        if rl.has_disk and new_server != old_server and new_server is not None:
+            # What the previous server wrote is unknown.  Every replica treats the change
+            # like a FLUSH that must rewrite the whole log (so all agree on what is pending);
+            # the new server writes it, and its DISK_DONE releases every flush still waiting.
+            rl.full_write = True
+            rl.take_disk_work()
+            if new_server == self.me[0]:
+                actions.append(WriteDisk(None, self.index))
+        return actions
+
+    def _checkpoint_duty(self) -> list[Action]:
+        if not self.joiners or self.sender is not None:
+            return []
+        sender = min(self.valid) if self.valid else None
+        self.sender = sender
+        self.ckpt_point = self.index
+        self.ckpt_delivered = 0
+        if sender != self.me:
+            return []
+        point = self.index
+        targets = tuple(m.Target(n, pid, at) for (n, pid), at in sorted(self.joiners.items()))
+        book = ck.GroupBook(
+            point, tuple(sorted(self.valid)),
+            tuple((n, pid, at) for (n, pid), at in sorted(self.joiners.items())),
+        )  # fmt: skip
+        parts = ck.split(ck.snapshot(self.log, book), self.chunk_size)
+        self.in_flight += len(parts)
+        return [
+            Multicast(m.encode_checkpoint(point, i, len(parts), targets, chunk))
+            for i, chunk in enumerate(parts)
+        ]
+
+    def deliver(self, sender: MemberId, data: bytes) -> list[Action]:
+        if self.phase is Phase.LEFT or not self._joined_seen:
+            return []
+        try:
+            message = m.decode(data)
+        except m.MessageError as exc:
+            self.dropped += 1
+            log.error("dropped a message from node %d pid %d: %s", sender[0], sender[1], exc)
+            self.index += 1
+            return []
+        self.index += 1
+        mine = sender == self.me and not isinstance(message, m.DiskDone)
+        if mine:
+            self.in_flight = max(0, self.in_flight - 1)
+        actions: list[Action] = []
+        if self.phase is Phase.JOINING:
+            done = self._collect(message) if isinstance(message, m.CheckpointChunk) else None
+            if done is None:
+                self._queue.append((self.index, ("message", sender, message)))
+            else:
+                actions = done
+        else:
+            actions = self._apply(sender, message)
+        if mine and not self.in_flight:
+            actions += self._leave_if_drained()
+        return actions
+
+    def _replay(self, idx: int, event: object) -> list[Action]:
+        kind, *rest = event  # type: ignore[misc]
+        if kind == "confchg":
+            members, left, joined = rest
+            self.index = idx
+            return self._apply_confchg(members, left, joined)
+        sender, message = rest
+        self.index = idx
+        if isinstance(message, m.CheckpointChunk):
+            return self._count_chunk(message)
+        return self._apply(sender, message)
+
+    def _apply(self, sender: MemberId, message: m.Message) -> list[Action]:
+        if isinstance(message, m.CheckpointChunk):
+            return self._count_chunk(message)
+        if sender not in self.valid:
+            self.dropped += 1
+            log.error("dropped a message from node %d pid %d: not a member holding state",
+                      sender[0], sender[1])  # fmt: skip
+            return []
+        if isinstance(message, m.DiskDone):
+            return self._disk_done(message)
+        return self._apply_ops(sender, message.ops)
+
+    def _apply_ops(self, sender: MemberId, ops: tuple[m.OpRecord, ...]) -> list[Action]:
+        rl = self.log
+        node = sender[0]
+        mine = sender == self.me
+        actions: list[Action] = []
+        for rec in ops:
+            result: tuple[int, bytes] | None = None
+            if rec.op is m.Op.MARK:
+                rl.mark(node, rec.values)
+            elif rec.op is m.Op.CLEAR:
+                rl.clear(node, rec.values)
+            elif rec.op is m.Op.FLUSH:
+                err = rl.flush(node, rec.values)
+                work = rl.take_disk_work()
+                if work is not False:
+                    if self.disk_server == self.me[0]:
+                        actions.append(WriteDisk(work, self.index))  # type: ignore[arg-type]
+                    if mine and rec.seq in self.waiting:
+                        self.flushes.append((self.index, self.waiting.pop(rec.seq)))
+                    continue
+                result = (err, b"")
+            elif rec.op is m.Op.RESYNC_WORK:
+                result = (0, _PAIR.pack(*rl.get_resync_work(node)))
+            elif rec.op is m.Op.SET_SYNC:
+                result = (rl.set_region_sync(node, rec.values[0], bool(rec.values[1])), b"")
+            elif rec.op is m.Op.REMOTE_RECOVERING:
+                err, recovering, hint = rl.is_remote_recovering(node, rec.values[0])
+                result = (err, _PAIR.pack(recovering, hint))
+            if mine and result is not None:
+                request = self.waiting.pop(rec.seq, None)
+                if request is not None:
+                    actions.append(Answer(request, *result))
+        return actions
+
+    def disk_written(self, index: int, ok: bool) -> list[Action]:
+        """The disk server finished the :class:`WriteDisk` for ``index``: announce it."""
+        return [Multicast(m.encode_disk_done(index, 0 if ok else p.EIO))]
+
+    def _disk_done(self, done: m.DiskDone) -> list[Action]:
+        if done.error:
+            self.log.disk_written(False)
+        actions: list[Action] = []
+        keep = []
+        for index, request in self.flushes:
+            if index <= done.index:
+                actions.append(Answer(request, done.error))
+            else:
+                keep.append((index, request))
+        self.flushes = keep
+        return actions
+
+    # ------------------------------------------------------------------ checkpoints
+    def _count_chunk(self, chunk: m.CheckpointChunk) -> list[Action]:
+        if self.sender is None or chunk.point != self.ckpt_point:
+            return []  # a checkpoint abandoned when its sender left
+        self.ckpt_delivered += 1
+        if self.ckpt_delivered < chunk.parts:
+            return []
+        # The last chunk: its targets hold state from here on.
+        for t in chunk.targets:
+            member = (t.nodeid, t.pid)
+            if member in self.members:
+                self.valid.add(member)
+            self.joiners.pop(member, None)
+        self.sender = None
+        return self._checkpoint_duty()  # joiners that arrived meanwhile
+
+    def _collect(self, chunk: m.CheckpointChunk) -> list[Action] | None:
+        target = next((t for t in chunk.targets if (t.nodeid, t.pid) == self.me), None)
+        if target is None:
+            return None
+        a = self._assembly
+        if a is None or a.point != chunk.point:
+            a = self._assembly = _Assembly(chunk.point, chunk.parts, target.joined_at)
+        a.chunks[chunk.part] = chunk.data
+        if len(a.chunks) < a.parts:
+            return None
+        self._assembly = None
+        blob = b"".join(a.chunks[i] for i in range(a.parts))
+        try:
+            book = ck.restore(self.log, blob)
+        except ck.CheckpointError as exc:
+            log.error("checkpoint unusable: %s; waiting for another", exc)
+            self.dropped += 1
+            return []
+        offset = a.joined_at  # absolute index of our join change
+        final_index = offset + self.index  # this chunk's absolute index
+        self.phase = Phase.VALID
+        self.valid = set(book.valid)
+        self.joiners = {(n, pid): at for n, pid, at in book.joiners}
+        # The snapshot was taken as this checkpoint started: it is in progress at that point.
+        self.sender = min(book.valid) if book.valid else None
+        self.ckpt_point = book.index
+        self.ckpt_delivered = 0
+        actions: list[Action] = [Ready(master=False)]
+        queued, self._queue = self._queue, []
+        # Replay what happened after the snapshot point; the snapshot holds the rest.
+        for rel, event in queued:
+            absolute = offset + rel
+            if absolute > book.index:
+                actions += self._replay(absolute, event)
+        self.index = final_index
+        actions += self._count_chunk(chunk)  # the final chunk itself, as everybody counts it
+        return actions
+
+    # ------------------------------------------------------------------ leaving
+    def postsuspend(self, request: wire.Request) -> list[Action]:
+        """Send what is still held back, and leave once all of it has been delivered."""
+        actions = self._send([]) if self.outbox and self.quorate else []
+        self._leaving = request
+        return actions + self._leave_if_drained()
+
+    def _leave_if_drained(self) -> list[Action]:
+        request = self._leaving
+        if request is None or self.in_flight:
+            return []
+        self._leaving = None
+        self.phase = Phase.LEFT
+        for waiting in self.waiting.values():  # cannot be answered by a group we leave
+            log.warning("seq %d answered -EAGAIN: the log left its group", waiting.seq)
+        actions: list[Action] = [Answer(r, -11) for r in self.waiting.values()]
+        actions += [Answer(r, -11) for _, r in self.flushes]
+        self.waiting.clear()
+        self.flushes.clear()
+        return [*actions, LeaveNow(request)]
+
+    def set_quorate(self, quorate: bool) -> list[Action]:
+        self.quorate = quorate
+        return self.flush_outbox() if quorate else []
