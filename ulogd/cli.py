@@ -31,8 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--foreground", "-f", action="store_true", help="do not detach; log to stderr"
     )
     run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML configuration (default /etc/ulogd/ulogd.toml if it exists); flags override it",
+    )
+    run.add_argument(
         "--run-dir",
-        default=DEFAULT_RUN_DIR,
+        default=None,
         type=Path,
         help=f"pid file and live log state (default {DEFAULT_RUN_DIR}; must not outlive a "
         "reboot: use tmpfs)",
@@ -40,13 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--capture", metavar="FILE", help="record every request and reply (pcapng)")
     run.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (default info)",
     )
     run.add_argument(
         "--transport",
-        default="netlink",
+        default=None,
         metavar="SPEC",
         help="'netlink' (the kernel, default) or 'unix:PATH' (test transport: kernel-format "
         "datagrams over a root-only Unix socket)",
@@ -61,9 +66,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--node-id",
         type=int,
-        default=0,
+        default=None,
         help="this node's id in region-mark bookkeeping (single node: any; default 0)",
     )
+    run.add_argument(
+        "--cluster",
+        choices=["off", "corosync"],
+        default=None,
+        help="cluster mode (default off)",
+    )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics over HTTP on this loopback address (default: off)",
+    )
+
+    status = commands.add_parser(
+        "status", help="show the running daemon's logs (talks to its control socket; root only)"
+    )
+    status.add_argument(
+        "--run-dir",
+        default=None,
+        type=Path,
+        help=f"the daemon's run directory (default: from the configuration, else "
+        f"{DEFAULT_RUN_DIR})",
+    )
+    status.add_argument("--config", metavar="FILE", help="read run_dir from this configuration")
+    status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    status.add_argument(
+        "--watch", "-w", action="store_true", help="redraw with a resync progress bar"
+    )
+    status.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between redraws (default 1)"
+    )
+    status.add_argument("--count", type=int, default=None, help="stop after this many redraws")
+
+    from ulogd import tablegen
+
+    table = commands.add_parser(
+        "table",
+        help="print (or --create) the dmsetup table of a mirror with a ulogd-served log",
+        description="Print the device-mapper table line of a mirror whose dirty log is served "
+        "by ulogd (dm-log-userspace).",
+    )
+    tablegen.add_arguments(table)
     return parser
 
 
@@ -75,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "table":
+        from ulogd import tablegen
+
+        return tablegen.main(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
@@ -83,7 +136,12 @@ def setup_logging(level: str, foreground: bool) -> None:
     root = logging.getLogger()
     root.setLevel(getattr(logging, level.upper()))
     handler: logging.Handler
-    if foreground or not os.path.exists("/dev/log"):
+    if _stderr_is_journal():
+        # Started by systemd with stderr connected to journald: no timestamp of our own, and a
+        # sd-daemon(3) priority prefix so that journalctl -p works.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JournalFormatter("%(levelname)s: %(message)s"))
+    elif foreground or not os.path.exists("/dev/log"):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s ulogd %(levelname)s: %(message)s"))
     else:
@@ -94,7 +152,63 @@ def setup_logging(level: str, foreground: bool) -> None:
     root.handlers[:] = [handler]
 
 
+class _JournalFormatter(logging.Formatter):
+    _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prefix = f"<{self._PRIORITY.get(record.levelname, 6)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal ($JOURNAL_STREAM is its dev:ino)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ulogd import config, status
+
+    run_dir = args.run_dir
+    if run_dir is None:
+        try:
+            run_dir = config.resolve(args.config, {}).run_dir
+        except config.ConfigError as exc:
+            print(f"ulogd status: configuration: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.interval <= 0:
+        print("ulogd status: --interval must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    return status.main(str(run_dir), args.json, args.watch, args.interval, args.count)
+
+
+_SETTINGS = ("run_dir", "log_level", "capture", "transport", "node_id", "cluster", "metrics_listen")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from ulogd import config
+
+    try:
+        settings = config.resolve(args.config, {k: getattr(args, k) for k in _SETTINGS})
+        if settings.metrics_listen:
+            config.parse_listen(settings.metrics_listen)
+    except (config.ConfigError, ValueError) as exc:
+        print(f"ulogd: configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for name in _SETTINGS:
+        setattr(args, name, getattr(settings, name))
+    args.settings = settings
+    if settings.cluster != "off":
+        # The cluster layer plugs in here; until it exists, refuse rather than run unclustered.
+        print(
+            f"ulogd: cluster = {settings.cluster!r} is not available in this build", file=sys.stderr
+        )
+        return EXIT_SETUP
     setup_logging(args.log_level, args.foreground)
     ready_fd = None if args.foreground else _detach()
     try:
@@ -147,6 +261,9 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
             capture = CaptureWriter(args.capture)
             daemon.capture = capture
+        from ulogd.control import attach_services
+
+        attach_services(daemon, run_dir, getattr(args, "settings", None))
     except BaseException:
         server.close()
         raise

@@ -29,10 +29,12 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ulogd.capture import Direction
+from ulogd.metrics import Metrics
 from ulogd.server import Action, DiskRead, DiskWrite, LogDevice, Send, Server
 from ulogd.transport import Transport
 
@@ -47,6 +49,11 @@ class DiskWorker:
         self._jobs: queue.SimpleQueue[DiskRead | DiskWrite | None] = queue.SimpleQueue()
         self._done = done
         self._wake = wake
+        # Counted on the worker thread only, read by metrics on the loop thread.
+        self.reads = 0
+        self.writes = 0
+        self.bytes_written = 0
+        self.errors = 0
         self._thread = threading.Thread(target=self._run, name="ulogd-disk", daemon=True)
         self._thread.start()
 
@@ -64,12 +71,17 @@ class DiskWorker:
             try:
                 if isinstance(job, DiskRead):
                     data = self.device.read(job.nbytes)
+                    self.reads += 1
                 else:
                     self.device.write_extents(job.extents)
+                    self.writes += 1
+                    self.bytes_written += sum(len(chunk) for _, chunk in job.extents)
             except OSError as exc:
                 error = exc
+                self.errors += 1
             except Exception as exc:  # a bug in the I/O layer must not kill the worker
                 error = OSError(5, f"unexpected {type(exc).__name__}: {exc}")
+                self.errors += 1
             self._done.put((job.token, data, error))
             os.eventfd_write(self._wake, 1)
 
@@ -99,6 +111,37 @@ class Daemon:
         self._signals: list[int] = []
         self._pidfile: int | None = None
         self.served = 0
+        #: counters and the reply-latency histogram (ulogd.metrics renders them)
+        self.metrics = Metrics()
+        self._io_started: dict[int, int] = {}  # disk token → arrival of the request (ns)
+        self._at_shutdown: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ extension hooks
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
+        self._watch(fd, selectors.EVENT_READ, callback)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``fd`` is writable (replaces a reader on ``fd``)."""
+        self._watch(fd, selectors.EVENT_WRITE, callback)
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching ``fd`` (before closing it)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+
+    def at_shutdown(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` when the daemon stops, before the server closes."""
+        self._at_shutdown.append(callback)
+
+    def _watch(self, fd: int, events: int, callback: Callable[[], None]) -> None:
+        try:
+            self._selector.modify(fd, events, callback)
+        except KeyError:
+            self._selector.register(fd, events, callback)
+
+    def disk_workers(self) -> list[DiskWorker]:
+        return list(self._workers.values())
 
     # ------------------------------------------------------------------ set-up
     def lock_run_dir(self) -> None:
@@ -163,7 +206,9 @@ class Daemon:
         receive = self.server.receive
         execute = self._execute
         capture = self.capture
+        clock = time.perf_counter_ns
         while (item := self.transport.recv()) is not None:
+            started = clock()
             data, port = item
             if capture is not None:
                 capture.record(Direction.TO_DAEMON, data)
@@ -175,7 +220,7 @@ class Daemon:
                 log.exception("internal error while handling a %d-byte datagram", len(data))
                 continue
             if actions:
-                execute(actions)
+                execute(actions, started)
 
     def _on_disk_done(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -185,20 +230,26 @@ class Daemon:
                 token, data, error = self._done.get_nowait()
             except queue.Empty:
                 return
+            started = self._io_started.pop(token, 0)
             try:
                 actions = self.server.disk_done(token, data, error)
             except Exception:
                 log.exception("internal error after disk I/O %d", token)
                 continue
-            self._execute(actions)
+            self._execute(actions, started)
 
-    def _execute(self, actions: list[Action]) -> None:
+    def _execute(self, actions: list[Action], started: int = 0) -> None:
+        """Perform actions; ``started`` is when the request behind them arrived (ns, 0:
+        unknown) — each reply sent is observed in the latency histogram from then.  Replies
+        released by disk I/O count from the arrival of the request that started the I/O."""
         for action in actions:
             if isinstance(action, Send):
                 try:
                     self.transport.send(action.data)
                 except OSError as exc:
                     log.error("sending a reply failed: %s", exc)
+                if started:
+                    self.metrics.latency.observe(time.perf_counter_ns() - started)
                 if self.capture is not None:
                     self.capture.record(Direction.FROM_DAEMON, action.data)
             else:
@@ -206,6 +257,8 @@ class Daemon:
                 if worker is None:
                     worker = DiskWorker(action.device, self._done, self._wake)
                     self._workers[id(action.device)] = worker
+                if started:
+                    self._io_started[action.token] = started
                 worker.submit(action)
 
     def _on_signal(self, fd: int) -> None:
@@ -230,6 +283,11 @@ class Daemon:
         for worker in self._workers.values():
             worker.stop()
         self._on_disk_done()  # answer what the workers finished
+        for callback in self._at_shutdown:
+            try:
+                callback()
+            except Exception:
+                log.exception("error while shutting down")
         if self.server.logs:
             log.info(
                 "%d log(s) active: their state stays in %s for the next daemon",

@@ -1,0 +1,257 @@
+"""Metrics in the Prometheus text format, collected from the live daemon at scrape time.
+
+Theory of operation
+-------------------
+The request path pays for one thing only: the reply-latency histogram, a list of integer
+bucket counts bumped on the loop thread (:meth:`LatencyHistogram.observe`: one ``bisect`` and
+two additions, no lock — the loop is the only writer).  Everything else is *derived* when a
+scrape asks: :class:`DaemonCollector` (a ``prometheus_client`` custom collector) reads
+
+* ``Server.results`` (requests by type and result) and ``Server.rejected``;
+* every log's region counts (in sync, marked, device health);
+* the disk workers' counters (reads, flush writes, bytes written, errors — bumped on the
+  worker threads, plain integers read without a lock);
+* :class:`Metrics`' own counters for the cluster layer (``cluster_delivery()``,
+  ``membership_change()``) and the histogram.
+
+Collection runs on the loop thread — through the control socket's ``metrics`` command or the
+optional HTTP listener (:class:`HttpListener`), which is served from the daemon's own selector
+loop and never from another thread, so no lock is needed against the server's state.  The
+listener is off unless the configuration names an address, and it refuses to bind anything but
+a loopback address (see :func:`ulogd.config.parse_listen`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ulogd import __version__
+
+if TYPE_CHECKING:
+    from ulogd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+#: histogram bucket upper bounds, in nanoseconds (10 µs … 1 s)
+LATENCY_BOUNDS_NS: tuple[int, ...] = (
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+)
+
+
+class LatencyHistogram:
+    """Cumulative-on-read histogram of reply latencies in nanoseconds (loop thread only)."""
+
+    __slots__ = ("counts", "sum_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BOUNDS_NS) + 1)  # last: +Inf
+        self.sum_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
+        self.sum_ns += ns
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """(le in seconds, cumulative count) pairs as Prometheus expects them."""
+        out: list[tuple[str, int]] = []
+        total = 0
+        for bound, count in zip((*LATENCY_BOUNDS_NS, None), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound is None else repr(bound / 1e9), total))
+        return out
+
+
+class Metrics:
+    """What the daemon counts itself (the rest is read from the server at scrape time)."""
+
+    def __init__(self) -> None:
+        self.latency = LatencyHistogram()
+        self.cluster_deliveries = 0
+        self.membership_changes = 0
+
+    # Hooks for the cluster layer.
+    def cluster_delivery(self, count: int = 1) -> None:
+        self.cluster_deliveries += count
+
+    def membership_change(self) -> None:
+        self.membership_changes += 1
+
+
+class DaemonCollector:
+    """A ``prometheus_client`` collector reading a :class:`~ulogd.daemon.Daemon`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> list[Any]:
+        return []  # no registration-time collection: state changes every request
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+
+        daemon = self.daemon
+        server = daemon.server
+        metrics = daemon.metrics
+
+        yield InfoMetricFamily("ulogd_build", "ulogd version", value={"version": __version__})
+        requests = CounterMetricFamily(
+            "ulogd_requests",
+            "Requests answered, by request type and result (0 or the negative errno name)",
+            labels=["type", "result"],
+        )
+        for (rtype, result), count in sorted(server.results.items()):
+            requests.add_metric([rtype, result], count)
+        yield requests
+        rejected = CounterMetricFamily(
+            "ulogd_rejected_datagrams",
+            "Datagrams refused before dispatch, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(server.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily(
+            "ulogd_datagrams_received", "Datagrams read from the transport", value=daemon.served
+        )
+
+        histogram = metrics.latency
+        buckets = histogram.buckets()
+        yield HistogramMetricFamily(
+            "ulogd_reply_latency_seconds",
+            "From a request's arrival to its reply being sent (including disk I/O)",
+            buckets=buckets,
+            sum_value=histogram.sum_ns / 1e9,
+        )
+
+        labels = ["uuid", "luid", "type"]
+        regions = GaugeMetricFamily("ulogd_log_regions", "Regions of the log", labels=labels)
+        in_sync = GaugeMetricFamily(
+            "ulogd_log_regions_in_sync", "Regions whose mirror legs agree", labels=labels
+        )
+        marked = GaugeMetricFamily(
+            "ulogd_log_regions_marked", "Regions some node is writing", labels=labels
+        )
+        failed = GaugeMetricFamily(
+            "ulogd_log_device_failed", "1 when the log device failed (health D)", labels=labels
+        )
+        resumed = GaugeMetricFamily("ulogd_log_resumed", "1 when resumed (active)", labels=labels)
+        for (uuid, luid), entry in sorted(server.logs.items()):
+            rl = entry.log
+            values = [uuid, f"{luid:#x}", rl.config.type_word]
+            regions.add_metric(values, rl.region_count)
+            in_sync.add_metric(values, rl.sync_count)
+            marked.add_metric(values, len(rl.holders))
+            failed.add_metric(values, int(rl.disk_failed))
+            resumed.add_metric(values, int(rl.resumed))
+        yield GaugeMetricFamily("ulogd_logs", "Logs served", value=len(server.logs))
+        yield from (regions, in_sync, marked, failed, resumed)
+
+        workers = daemon.disk_workers()
+        yield CounterMetricFamily(
+            "ulogd_disk_flushes",
+            "Writes of log-device chunks (one per FLUSH/POSTSUSPEND that changed the log)",
+            value=sum(w.writes for w in workers),
+        )
+        yield CounterMetricFamily(
+            "ulogd_disk_written_bytes",
+            "Bytes written to log devices",
+            value=sum(w.bytes_written for w in workers),
+        )
+        yield CounterMetricFamily(
+            "ulogd_disk_reads", "Reads of on-disk logs", value=sum(w.reads for w in workers)
+        )
+        yield CounterMetricFamily(
+            "ulogd_disk_errors",
+            "Log-device reads and writes that failed",
+            value=sum(w.errors for w in workers),
+        )
+        yield CounterMetricFamily(
+            "ulogd_cluster_deliveries",
+            "Cluster messages delivered to this node",
+            value=metrics.cluster_deliveries,
+        )
+        yield CounterMetricFamily(
+            "ulogd_cluster_membership_changes",
+            "Cluster membership changes seen",
+            value=metrics.membership_changes,
+        )
+
+
+def render(daemon: Daemon) -> bytes:
+    """The Prometheus text exposition of ``daemon`` (call on the loop thread)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+class HttpListener:
+    """``GET /metrics`` over HTTP/1.0, served from the daemon's selector loop."""
+
+    def __init__(self, daemon: Daemon, host: str, port: int) -> None:
+        from ulogd.control import StreamService
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"metrics listener {host}:{port}: {exc.strerror}") from None
+        self.address = sock.getsockname()[:2]
+        self.daemon = daemon
+        self.service = StreamService(daemon, sock, self._answer, terminator=b"\r\n\r\n")
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+
+    def _answer(self, request: bytes, peer: Any) -> bytes:
+        first = request.split(b"\r\n", 1)[0].split()
+        if len(first) < 2 or first[0] not in (b"GET", b"HEAD"):
+            return _http(405, b"only GET /metrics\n", "text/plain")
+        if first[1].split(b"?", 1)[0] != b"/metrics":
+            return _http(404, b"try /metrics\n", "text/plain")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        body = render(self.daemon)
+        return _http(200, b"" if first[0] == b"HEAD" else body, CONTENT_TYPE_LATEST, len(body))
+
+    def close(self) -> None:
+        self.service.close()
+
+
+def _http(status: int, body: bytes, content_type: str, length: int | None = None) -> bytes:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
+    head = (
+        f"HTTP/1.0 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
