@@ -35,7 +35,17 @@ from typing import Any
 
 from ulogd.capture import Direction
 from ulogd.metrics import Metrics
-from ulogd.server import Action, DiskRead, DiskWrite, LogDevice, Send, Server
+from ulogd.server import (
+    Action,
+    ClusterSend,
+    DiskRead,
+    DiskWrite,
+    Join,
+    Leave,
+    LogDevice,
+    Send,
+    Server,
+)
 from ulogd.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -115,6 +125,8 @@ class Daemon:
         self.metrics = Metrics()
         self._io_started: dict[int, int] = {}  # disk token → arrival of the request (ns)
         self._at_shutdown: list[Callable[[], None]] = []
+        #: the corosync edge (cluster mode): performs Join/ClusterSend/Leave actions
+        self.cluster: Any | None = None
 
     # ------------------------------------------------------------------ extension hooks
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -139,6 +151,10 @@ class Daemon:
             self._selector.modify(fd, events, callback)
         except KeyError:
             self._selector.register(fd, events, callback)
+
+    def execute(self, actions: list[Action]) -> None:
+        """Perform actions produced outside a request (cluster events, timers)."""
+        self._execute(actions)
 
     def disk_workers(self) -> list[DiskWorker]:
         return list(self._workers.values())
@@ -188,8 +204,14 @@ class Daemon:
                 timeout = None
                 if next_ping is not None:
                     timeout = max(0.0, next_ping - time.monotonic())
+                if self.cluster is not None:
+                    wait = self.cluster.timeout()
+                    if wait is not None:
+                        timeout = wait if timeout is None else min(timeout, wait)
                 for key, _ in sel.select(timeout):
                     key.data()
+                if self.cluster is not None:
+                    self.cluster.tick()
                 if next_ping is not None and time.monotonic() >= next_ping:
                     sd_notify("WATCHDOG=1")
                     next_ping = time.monotonic() + watchdog
@@ -252,6 +274,11 @@ class Daemon:
                     self.metrics.latency.observe(time.perf_counter_ns() - started)
                 if self.capture is not None:
                     self.capture.record(Direction.FROM_DAEMON, action.data)
+            elif isinstance(action, Join | ClusterSend | Leave):
+                if self.cluster is None:
+                    log.error("cluster action without a cluster link: %s", type(action).__name__)
+                else:
+                    self.cluster.perform(action)
             else:
                 worker = self._workers.get(id(action.device))
                 if worker is None:

@@ -331,6 +331,15 @@ class RegionLog:
         self._finish_resume()
         return Resume.DONE
 
+    def resume_member(self) -> None:
+        """RESUME of a member that received the group's state: only this node's flags change
+        (the search position and priority list are the group's, not this node's)."""
+        self.resumed = True
+        self.recovery_halted = False
+        self.in_sync_override = False
+        self.disk_loaded = True
+        self.scalars_changed = True
+
     def _finish_resume(self) -> None:
         self.resumed = True
         self.recovery_halted = False

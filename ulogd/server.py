@@ -36,6 +36,8 @@ from typing import Protocol
 
 from ulogd import ctr, disklog, wire
 from ulogd import protocol as p
+from ulogd.cluster import group as g
+from ulogd.cluster.group import Group
 from ulogd.protocol import RequestType as T
 from ulogd.regionlog import RegionLog, Resume, initialise
 from ulogd.statefile import LogState, MemoryState, StateDir
@@ -92,7 +94,33 @@ class DiskWrite:
     uuid: str
 
 
-Action = Send | DiskRead | DiskWrite
+@dataclass(slots=True)
+class Join:
+    """Join the log's process group (cluster mode): the caller opens a CPG handle and feeds
+    its events to :meth:`Server.group_confchg` / :meth:`Server.group_deliver`."""
+
+    key: tuple[str, int]
+    name: bytes
+
+
+@dataclass(slots=True)
+class ClusterSend:
+    key: tuple[str, int]
+    data: bytes
+
+
+@dataclass(slots=True)
+class Leave:
+    key: tuple[str, int]
+
+
+Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave
+
+#: requests that change replicated state: ordered through the group unless alone
+GROUP_TYPES = frozenset(
+    {T.MARK_REGION, T.CLEAR_REGION, T.FLUSH, T.GET_RESYNC_WORK, T.SET_REGION_SYNC,
+     T.IS_REMOTE_RECOVERING}
+)  # fmt: skip
 Continuation = Callable[[bytes | None, OSError | None], list[Action]]
 
 
@@ -103,9 +131,19 @@ class Entry:
     log: RegionLog
     state: LogState | MemoryState
     device: LogDevice | None
+    key: tuple[str, int] = ("", 0)
     predecessor: tuple[str, int] | None = None
     queue: deque[wire.Request] = field(default_factory=deque)
     busy: bool = False
+    group: Group | None = None
+    resume_request: wire.Request | None = None  # RESUME waiting for the group's state
+    carried: bool = False  # region state came from a reload's previous instance
+    orphaned: Group | None = None  # a group whose corosync connection was lost
+
+    @property
+    def waiting(self) -> bool:
+        """Requests must queue: disk I/O in flight, or the group's state not here yet."""
+        return self.busy or self.resume_request is not None or self.orphaned is not None
 
 
 def tag(uuid: str) -> str:
@@ -123,10 +161,15 @@ class Server:
         open_device: DeviceOpener | None = None,
         local_node: int = 0,
         layout: wire.Layout = wire.CURRENT,
+        cluster: bool = False,
+        member_pid: int = 0,
     ) -> None:
         self.state_dir = state_dir
         self.open_device = open_device
         self.local_node = local_node
+        #: clustered-* logs join a process group (else they run as a group of one)
+        self.cluster = cluster
+        self.member_pid = member_pid
         self.layout = layout
         self.logs: dict[tuple[str, int], Entry] = {}
         self._pending: dict[int, tuple[Entry, Continuation]] = {}
@@ -175,7 +218,7 @@ class Server:
                 request.luid,
             )
             return [self._reply(request, p.ESRCH)]
-        if entry.busy:
+        if entry.waiting:
             entry.queue.append(request)
             return []
         return self._dispatch(entry, request)
@@ -184,8 +227,11 @@ class Server:
         """The outcome of a :class:`DiskRead`/:class:`DiskWrite`; returns what follows."""
         entry, continuation = self._pending.pop(token)
         entry.busy = False
-        actions = continuation(data, error)
-        while not entry.busy and entry.queue:
+        return continuation(data, error) + self._drain(entry)
+
+    def _drain(self, entry: Entry) -> list[Action]:
+        actions: list[Action] = []
+        while not entry.waiting and entry.queue:
             actions += self._dispatch(entry, entry.queue.popleft())
         return actions
 
@@ -207,7 +253,11 @@ class Server:
         return Send(wire.encode_reply(request, error, payload))
 
     def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
-        actions = self._handlers[request.request_type](entry, request)
+        group = entry.group
+        if group is not None and request.request_type in GROUP_TYPES and not group.direct:
+            actions = self._group_actions(entry, group.submit(request))
+        else:
+            actions = self._handlers[request.request_type](entry, request)
         rl = entry.log
         if rl.scalars_changed:
             entry.state.save_scalars(rl.scalars())
@@ -309,7 +359,7 @@ class Server:
             local_node=self.local_node,
             device_id=_device_id(device, config),
         )
-        return Entry(rl, state, device)
+        return Entry(rl, state, device, (uuid, luid))
 
     def _open_device(self, config: ctr.LogConfig) -> LogDevice:
         assert config.log_device is not None
@@ -370,7 +420,7 @@ class Server:
             rl.restore_scalars(state.load_scalars())
             if config.log_device and device is None:
                 rl.disk_failed = True
-            self.logs[(ident.uuid, ident.luid)] = Entry(rl, state, device)
+            self.logs[(ident.uuid, ident.luid)] = Entry(rl, state, device, (ident.uuid, ident.luid))
             log.info(
                 "%s restored luid=%#x from %s: %s",
                 tag(ident.uuid),
@@ -380,17 +430,25 @@ class Server:
             )
 
     def _dtr(self, entry: Entry, request: wire.Request) -> list[Action]:
+        actions: list[Action] = []
+        if entry.group is not None:
+            log.warning("%s DTR before POSTSUSPEND: leaving the group", tag(request.uuid))
+            entry.group.leave_now()
+            entry.group = None
+            actions.append(Leave(request.key))
         del self.logs[request.key]
         if entry.device is not None:
             entry.device.close()
         entry.state.remove()
         log.info("%s DTR luid=%#x", tag(request.uuid), request.luid)
-        return [self._reply(request)]
+        return [*actions, self._reply(request)]
 
     def _presuspend(self, entry: Entry, request: wire.Request) -> list[Action]:
         return [self._reply(request, entry.log.presuspend())]
 
     def _postsuspend(self, entry: Entry, request: wire.Request) -> list[Action]:
+        if entry.group is not None:
+            return self._group_actions(entry, entry.group.postsuspend(request))
         entry.log.postsuspend()
         return self._write_then_reply(entry, request)
 
@@ -400,7 +458,17 @@ class Server:
             previous = self.logs.get(entry.predecessor)
             if previous is not None:
                 rl.adopt(previous.log)  # its final state, now that it is suspended
+                entry.carried = True
             entry.predecessor = None
+        if self.cluster and rl.config.clustered and entry.group is None:
+            entry.group = Group(rl, (self.local_node, self.member_pid))
+            entry.resume_request = request
+            log.info("%s RESUME: joining the log's process group", tag(request.uuid))
+            return [Join(request.key, request.uuid.encode() + b"\0")]
+        return self._resume_locally(entry, request)
+
+    def _resume_locally(self, entry: Entry, request: wire.Request) -> list[Action]:
+        rl = entry.log
         if rl.resume() is Resume.DONE:
             return [self._reply(request)]
         if entry.device is None:
@@ -519,6 +587,119 @@ class Server:
         region = _U64.unpack(request.data)[0]
         err, recovering, hint = entry.log.is_remote_recovering(self.local_node, region)
         return [self._reply(request, err, _PAIR.pack(recovering, hint))]
+
+    # ------------------------------------------------------------------ cluster
+    def group_confchg(
+        self,
+        key: tuple[str, int],
+        members: list[tuple[int, int]],
+        left: list[tuple[int, int]],
+        joined: list[tuple[int, int]],
+    ) -> list[Action]:
+        entry = self.logs.get(key)
+        if entry is None or entry.group is None:
+            return []
+        return self._group_actions(entry, entry.group.confchg(members, left, joined))
+
+    def group_deliver(
+        self, key: tuple[str, int], sender: tuple[int, int], data: bytes
+    ) -> list[Action]:
+        entry = self.logs.get(key)
+        if entry is None or entry.group is None:
+            return []
+        return self._group_actions(entry, entry.group.deliver(sender, data))
+
+    def group_lost(self, key: tuple[str, int]) -> None:
+        """The local corosync went away: hold this log's requests until it is back."""
+        entry = self.logs.get(key)
+        if entry is None or entry.group is None:
+            return
+        log.error("%s lost the local corosync: requests wait until it returns", tag(key[0]))
+        entry.orphaned, entry.group = entry.group, None
+
+    def rejoin(self, key: tuple[str, int]) -> list[Action]:
+        """Join again after corosync returned; held requests are sent once state is back."""
+        entry = self.logs.get(key)
+        if entry is None or entry.orphaned is None:
+            return []
+        entry.group = Group(entry.log, (self.local_node, self.member_pid))
+        return [Join(key, key[0].encode() + b"\0")]
+
+    def set_quorate(self, quorate: bool) -> list[Action]:
+        actions: list[Action] = []
+        for entry in self.logs.values():
+            if entry.group is not None:
+                actions += self._group_actions(entry, entry.group.set_quorate(quorate))
+        return actions
+
+    def _group_actions(self, entry: Entry, actions: list[g.Action]) -> list[Action]:
+        out: list[Action] = []
+        key = entry.key
+        for action in actions:
+            if isinstance(action, g.Answer):
+                out.append(self._reply(action.request, action.error, action.payload))
+            elif isinstance(action, g.Multicast):
+                out.append(ClusterSend(key, action.data))
+            elif isinstance(action, g.WriteDisk):
+                out += self._group_write(entry, action)
+            elif isinstance(action, g.Ready):
+                out += self._group_ready(entry, action.master)
+            elif isinstance(action, g.LeaveNow):
+                entry.group = None
+                out.append(Leave(key))
+                entry.log.postsuspend()
+                self._save(entry)
+                out.append(self._reply(action.request))
+        return out
+
+    def _group_write(self, entry: Entry, action: g.WriteDisk) -> list[Action]:
+        """This member is the disk server: write, then tell the group."""
+        rl = entry.log
+        group = entry.group
+        if entry.device is None or group is None:
+            return (
+                self._group_actions(entry, group.disk_written(action.index, False)) if group else []
+            )
+        extents = disklog.plan_write(rl.clean, rl.region_count, action.chunks,
+                                     entry.device.block_size)  # fmt: skip
+
+        def written(_data: bytes | None, exc: OSError | None) -> list[Action]:
+            if exc is not None:
+                log.error("%s writing the shared log device failed: %s", tag(entry.key[0]), exc)
+            if entry.group is None:
+                return []
+            return self._group_actions(entry, entry.group.disk_written(action.index, exc is None))
+
+        write = DiskWrite(self._token(), entry.device, extents, entry.key[0])
+        return self._io(entry, write, written)
+
+    def _group_ready(self, entry: Entry, master: bool) -> list[Action]:
+        rl = entry.log
+        request = entry.resume_request
+        entry.resume_request = None
+        orphan, entry.orphaned = entry.orphaned, None
+        actions: list[Action] = []
+        if master:
+            if rl.has_disk and not rl.resumed and not entry.carried:
+                # First to resume: what the others wrote while this node was away is on the
+                # shared device, not in this replica.
+                rl.disk_loaded = False
+            entry.carried = False
+            log.info(
+                "%s first member of its group: its own state is the group's",
+                tag(entry.key[0]),
+            )
+            if request is not None:
+                actions += self._resume_locally(entry, request)
+        else:
+            rl.resume_member()
+            self._save(entry)
+            log.info("%s received the group's state: %s", tag(entry.key[0]), rl.describe())
+            if request is not None:
+                actions.append(self._reply(request))
+        if orphan is not None and entry.group is not None:
+            actions += self._group_actions(entry, entry.group.adopt_pending(orphan))
+        return actions + self._drain(entry)
 
     # ------------------------------------------------------------------ introspection
     def dump(self) -> list[str]:

@@ -508,6 +508,23 @@ class Group:
         self.flushes.clear()
         return [*actions, LeaveNow(request)]
 
+    def leave_now(self) -> None:
+        """Leave without waiting (DTR without POSTSUSPEND): nothing more will be answered."""
+        self.phase = Phase.LEFT
+        self.waiting.clear()
+        self.flushes.clear()
+        self.outbox.clear()
+
+    def adopt_pending(self, previous: Group) -> list[Action]:
+        """Take over what an earlier incarnation (lost with its corosync) had not finished:
+        acknowledged MARK/CLEARs go out again, unanswered requests are submitted again."""
+        self.outbox = previous.outbox + self.outbox
+        requests = [*previous.waiting.values(), *(r for _, r in previous.flushes)]
+        actions: list[Action] = []
+        for request in sorted(requests, key=lambda r: r.seq):
+            actions += self.submit(request)
+        return actions or self.flush_outbox()
+
     def set_quorate(self, quorate: bool) -> list[Action]:
         self.quorate = quorate
         return self.flush_outbox() if quorate else []

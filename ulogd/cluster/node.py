@@ -1,0 +1,191 @@
+"""The daemon's corosync edge: one CPG handle per clustered log, wired to the server.
+
+Theory of operation
+-------------------
+:class:`CorosyncLink` performs the server's cluster actions — :class:`~ulogd.server.Join`,
+:class:`~ulogd.server.ClusterSend`, :class:`~ulogd.server.Leave` — with :mod:`cpg` handles,
+and feeds each handle's deliveries and configuration changes back to
+:meth:`Server.group_deliver <ulogd.server.Server.group_deliver>` /
+:meth:`Server.group_confchg <ulogd.server.Server.group_confchg>` in delivery order; the
+actions those return go back to the daemon to perform.  Handles are polled by the daemon's
+selector (``fileno``), sends go through each handle's outbound queue (``CS_ERR_TRY_AGAIN``
+never spins: the daemon's loop wakes up after :meth:`timeout` to retry).
+
+When the local corosync goes away, every group's handle reports it; the server holds those
+logs' requests, and :meth:`tick` tries once a second to reconnect and join again.  Quorum
+changes (libquorum) are passed to the server, which stops making regions clean without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cpg
+from ulogd.server import Action, ClusterSend, Join, Leave, Server
+
+log = logging.getLogger(__name__)
+
+Executor = Callable[[list[Action]], None]
+Registrar = Callable[[int, Callable[[], None] | None], None]
+
+
+def local_nodeid() -> int:
+    """This node's corosync node id (raises ``cpg.CpgError`` when corosync is not running)."""
+    with cpg.Handle() as h:
+        return h.local_get()
+
+
+class CorosyncLink:
+    def __init__(
+        self,
+        server: Server,
+        execute: Executor,
+        register: Registrar,
+        *,
+        require_quorum: bool = True,
+    ) -> None:
+        self.server = server
+        self.execute = execute
+        self.register = register  # (fd, callback) registers; (fd, None) unregisters
+        self.handles: dict[tuple[str, int], cpg.Handle] = {}
+        self.lost: set[tuple[str, int]] = set()
+        self._next_try = 0.0
+        self.deliveries = 0
+        self.confchgs = 0
+        self.quorum: Any = None
+        if require_quorum:
+            self._open_quorum()
+
+    # ------------------------------------------------------------------ quorum
+    def _open_quorum(self) -> None:
+        try:
+            self.quorum = cpg.Quorum(on_change=self._on_quorum)
+        except cpg.CpgError as exc:
+            log.error("cannot track quorum (%s): acting as quorate", exc)
+            self.quorum = None
+            return
+        self.register(self.quorum.fileno(), self._dispatch_quorum)
+        quorate = self.quorum.quorate
+        log.info("corosync quorum: %s", "quorate" if quorate else "NOT quorate")
+        if not quorate:
+            self.execute(self.server.set_quorate(False))
+
+    def _dispatch_quorum(self) -> None:
+        try:
+            self.quorum.dispatch()
+        except cpg.CpgError as exc:
+            log.error("quorum connection lost: %s", exc)
+            self.register(self.quorum.fileno(), None)
+            self.quorum = None
+
+    def _on_quorum(self, change: Any) -> None:
+        log.warning("corosync quorum is now %s", "quorate" if change.quorate else "LOST")
+        self.execute(self.server.set_quorate(change.quorate))
+
+    # ------------------------------------------------------------------ actions
+    def perform(self, action: Join | ClusterSend | Leave) -> None:
+        if isinstance(action, Join):
+            self._join(action.key, action.name)
+        elif isinstance(action, ClusterSend):
+            handle = self.handles.get(action.key)
+            if handle is None:
+                log.error("no group for %s: message dropped", action.key[0][-8:])
+                return
+            handle.send(action.data)
+        else:
+            self._leave(action.key)
+
+    def _join(self, key: tuple[str, int], name: bytes) -> None:
+        old = self.handles.pop(key, None)
+        if old is not None:
+            self._close(key, old)
+
+        def on_deliver(msg: Any) -> None:
+            self.deliveries += 1
+            self.execute(self.server.group_deliver(key, (msg.nodeid, msg.pid), msg.data))
+
+        def on_confchg(change: Any) -> None:
+            self.confchgs += 1
+            members = [m.ident for m in change.members]
+            left = [m.ident for m in change.left]
+            joined = [m.ident for m in change.joined]
+            reasons = ", ".join(f"{m.nodeid}:{m.reason.name}" for m in change.left + change.joined)
+            log.info("[%s] group members %s (%s)", key[0][-8:], members, reasons)
+            self.execute(self.server.group_confchg(key, members, left, joined))
+
+        def on_lost(lost: Any) -> None:
+            log.error("[%s] corosync connection lost (%s)", key[0][-8:], lost.op)
+            self.lost.add(key)
+
+        try:
+            handle = cpg.Handle(on_deliver=on_deliver, on_confchg=on_confchg, on_lost=on_lost)
+            handle.join(name)
+        except cpg.CpgError as exc:
+            log.error("[%s] cannot join the group (%s): retrying", key[0][-8:], exc)
+            self.server.group_lost(key)
+            self.lost.add(key)
+            return
+        self.handles[key] = handle
+        self.register(handle.fileno(), lambda: self._dispatch(key))
+
+    def _dispatch(self, key: tuple[str, int]) -> None:
+        handle = self.handles.get(key)
+        if handle is None:
+            return
+        handle.dispatch()
+        if key in self.lost:
+            self.handles.pop(key, None)
+            self._close(key, handle)
+            self.server.group_lost(key)
+            return
+        handle.flush_outbound()
+
+    def _leave(self, key: tuple[str, int]) -> None:
+        handle = self.handles.pop(key, None)
+        if handle is None:
+            return
+        try:
+            handle.leave()
+        except cpg.CpgError as exc:
+            log.warning("[%s] leaving the group: %s", key[0][-8:], exc)
+        self._close(key, handle)
+
+    def _close(self, key: tuple[str, int], handle: cpg.Handle) -> None:
+        fd = handle.fileno() if handle.is_open else -1
+        if fd >= 0:
+            self.register(fd, None)
+        handle.close()
+
+    # ------------------------------------------------------------------ timing
+    def timeout(self) -> float | None:
+        """How soon the loop must call :meth:`tick` (None: no need)."""
+        waits = [h.retry_after() for h in self.handles.values()]
+        waits = [w for w in waits if w is not None]
+        if self.lost:
+            waits.append(max(0.0, self._next_try - time.monotonic()))
+        return min(waits) if waits else None
+
+    def tick(self) -> None:
+        for handle in list(self.handles.values()):
+            if handle.pending:
+                handle.flush_outbound()
+        if self.lost and time.monotonic() >= self._next_try:
+            self._next_try = time.monotonic() + 1.0
+            for key in list(self.lost):
+                self.lost.discard(key)
+                self.execute(self.server.rejoin(key))
+
+    def close(self) -> None:
+        for key in list(self.handles):
+            self._leave(key)
+        if self.quorum is not None:
+            self.register(self.quorum.fileno(), None)
+            self.quorum.close()
+
+
+def member_pid() -> int:
+    return os.getpid()
