@@ -128,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ulogd import tablegen
 
         return tablegen.main(args)
+    if args.command == "replay":
+        from ulogd import replay
+
+        return replay.run_cli(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
@@ -203,12 +207,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in _SETTINGS:
         setattr(args, name, getattr(settings, name))
     args.settings = settings
-    if settings.cluster != "off":
-        # The cluster layer plugs in here; until it exists, refuse rather than run unclustered.
-        print(
-            f"ulogd: cluster = {settings.cluster!r} is not available in this build", file=sys.stderr
-        )
-        return EXIT_SETUP
     setup_logging(args.log_level, args.foreground)
     ready_fd = None if args.foreground else _detach()
     try:
@@ -241,11 +239,29 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         except OSError as exc:
             raise DeviceError(exc.errno or 5, str(exc)) from exc
 
+    clustered = args.cluster == "corosync"
+    node_id = args.node_id or 0
+    if clustered:
+        from ulogd.cluster.node import local_nodeid
+
+        try:
+            node_id = local_nodeid()
+        except Exception as exc:
+            raise RuntimeError(
+                f"cluster = 'corosync' needs a running corosync ({exc}); start corosync first, "
+                "or run with cluster = 'off' for single-node logs"
+            ) from exc
+        log.info("cluster mode: corosync node id %d; clustered-* logs join process groups",
+                 node_id)  # fmt: skip
+    else:
+        log.info("cluster mode off: clustered-* logs are served as single-node logs")
     server = Server(
         state_dir=StateDir(run_dir / "logs"),
         open_device=open_device,
-        local_node=args.node_id,
+        local_node=node_id,
         layout=layout,
+        cluster=clustered,
+        member_pid=os.getpid(),
     )
     capture = None
     daemon_box: list[Daemon] = []
@@ -261,6 +277,23 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
             capture = CaptureWriter(args.capture)
             daemon.capture = capture
+        if clustered:
+            from ulogd.cluster.node import CorosyncLink
+
+            def register(fd: int, callback: Callable[[], None] | None) -> None:
+                if callback is None:
+                    daemon.remove_fd(fd)
+                else:
+                    daemon.add_reader(fd, callback)
+
+            settings = getattr(args, "settings", None)
+            daemon.cluster = CorosyncLink(
+                server,
+                daemon.execute,
+                register,
+                require_quorum=bool(getattr(settings, "require_quorum", True)),
+            )
+            daemon.at_shutdown(daemon.cluster.close)
         from ulogd.control import attach_services
 
         attach_services(daemon, run_dir, getattr(args, "settings", None))
