@@ -270,6 +270,10 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         daemon = Daemon(server, transport, run_dir=run_dir)
         daemon_box.append(daemon)
         daemon.lock_run_dir()
+        from ulogd.control import attach_services
+
+        # Before restore(), so that errors about restored logs reach ``ulogd status``.
+        attach_services(daemon, run_dir, getattr(args, "settings", None))
         assert server.state_dir is not None
         server.restore(server.state_dir.load_all())
         if args.capture:
@@ -294,9 +298,6 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 require_quorum=bool(getattr(settings, "require_quorum", True)),
             )
             daemon.at_shutdown(daemon.cluster.close)
-        from ulogd.control import attach_services
-
-        attach_services(daemon, run_dir, getattr(args, "settings", None))
     except BaseException:
         server.close()
         raise
