@@ -245,3 +245,26 @@ def test_empty_daemon() -> None:
     snap = _snapshot(0)
     snap["logs"] = []
     assert "no logs" in status.render_table(snap)
+
+
+def test_cluster_group_shown() -> None:
+    from types import SimpleNamespace
+
+    from ulogd.control import _group_info
+
+    group = SimpleNamespace(
+        members=((3, 100), (1, 200), (3, 101)),
+        phase=SimpleNamespace(name="VALID"),
+        disk_server=1,
+        quorate=True,
+        in_flight=2,
+        outbox=[object()],
+        dropped=0,
+    )
+    info = _group_info(group)
+    assert info["server"] == 1 and info["members"] == [1, 3]
+    assert info["cluster"]["phase"] == "valid" and info["cluster"]["unsent"] == 1
+    snap = _snapshot(10)
+    snap["logs"][0].update(info)
+    assert "group valid" in status.render_watch(snap, None, 1.0)
+    assert status.render_table(snap).splitlines()[-1].endswith("1       1,3")

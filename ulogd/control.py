@@ -265,12 +265,15 @@ def snapshot(
                 "device_id": rl.device_id,
                 "health": rl.health() if rl.has_disk else None,
                 "queued": len(entry.queue),
-                # Placeholders until the cluster layer says otherwise: this node serves.
-                "server": getattr(rl, "server_node", server.local_node),
+                "server": server.local_node,
                 "members": sorted(rl.members),
+                "cluster": None,
                 "last_error": errors.for_uuid(uuid) if errors else None,
             }
         )
+        group = getattr(entry, "group", None)
+        if group is not None:  # a clustered log in cluster mode: the group knows better
+            logs[-1].update(_group_info(group))
     info: dict[str, Any] = {
         "version": __version__,
         "pid": os.getpid(),
@@ -285,6 +288,24 @@ def snapshot(
     }
     info.update(extra or {})
     return {"ok": True, "daemon": info, "logs": logs}
+
+
+def _group_info(group: Any) -> dict[str, Any]:
+    """What ``status`` shows of a log's process group (``ulogd.cluster.group.Group``)."""
+    members = getattr(group, "members", ())
+    phase = getattr(group, "phase", None)
+    return {
+        "server": getattr(group, "disk_server", None),
+        "members": sorted({node for node, _pid in members}),
+        "cluster": {
+            "phase": getattr(phase, "name", str(phase)).lower(),
+            "quorate": getattr(group, "quorate", None),
+            "members": [f"{node}/{pid}" for node, pid in members],
+            "in_flight": getattr(group, "in_flight", None),
+            "unsent": len(getattr(group, "outbox", ())),
+            "dropped": getattr(group, "dropped", None),
+        },
+    }
 
 
 class ControlServer:

@@ -146,7 +146,7 @@ def _row(entry: dict[str, Any]) -> list[str]:
         _recovering(entry),
         entry["state"] + (f" +{entry['queued']}q" if entry.get("queued") else ""),
         _device(entry),
-        str(entry.get("server", "-")),
+        "-" if entry.get("server") is None else str(entry["server"]),
         ",".join(str(m) for m in entry.get("members", [])) or "-",
     ]
 
@@ -216,6 +216,7 @@ def render_watch(
             f"{entry['uuid']} {entry['luid']:#x}  {entry['type']}  {entry['state']}"
             f"  marked {entry['marked']}  recovering {_recovering(entry)}"
             f"  device {_device(entry)}"
+            + (f"  group {entry['cluster']['phase']}" if entry.get("cluster") else "")
         )
         rate = ""
         key = (entry["uuid"], entry["luid"])
