@@ -44,11 +44,23 @@ def test_nodes_are_isolated_in_their_namespaces(corosync_three: corosync.MultiNo
     assert corosync_three.members(1) == 3
 
 
-def test_only_one_corosync_per_network_namespace(corosync_single: corosync.SingleNode) -> None:
-    second = corosync.SingleNode()
-    with pytest.raises(corosync.CorosyncError, match="already answers"):
+def test_single_node_clusters_take_turns(corosync_single: corosync.SingleNode) -> None:
+    second = corosync.SingleNode(lock_timeout=0.5)
+    with pytest.raises(corosync.CorosyncError, match="busy"):
         second.start()
     assert corosync_single.node(1).running and corosync_single.members(1) == 1
+    assert not second.base.exists()
+
+
+def test_single_node_refuses_a_foreign_corosync(corosync_single: corosync.SingleNode) -> None:
+    lock, corosync_single._lock = corosync_single._lock, None  # as if started by someone else
+    try:
+        lock.close()
+        with pytest.raises(corosync.CorosyncError, match="already answers"):
+            corosync.SingleNode(lock_timeout=1).start()
+    finally:
+        corosync_single._acquire_lock()
+    assert corosync_single.members(1) == 1
 
 
 def test_reap_stale_removes_namespaces_of_dead_runs(corosync_installed: float) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import os
 import re
@@ -158,13 +159,31 @@ def _netns_kill_and_delete(ns: str) -> None:
 
 
 def reap_stale() -> list[str]:
-    """Delete namespaces (and kill their processes) left by dead runs of this module."""
+    """Remove what dead runs of this module left: namespaces (with their processes) and
+    corosyncs whose config lives in a ``ulgc<pid>x...`` directory of a dead *pid*.
+
+    Returns the names of the namespaces and ``corosync:<pid>`` entries it removed.
+    """
     reaped = []
     for ns in _netns_list():
         m = re.fullmatch(r"ulgc(\d+)x[0-9a-f]+-(br|n\d+)", ns)
         if m and not _alive(int(m.group(1))):
             _netns_kill_and_delete(ns)
             reaped.append(ns)
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"corosync"):
+            continue
+        hit = re.search(rb"/ulgc(\d+)x[0-9a-f]+-[^/]*/", b" ".join(argv))
+        if hit and not _alive(int(hit.group(1))):
+            pid = int(cmdline.split("/")[2])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            reaped.append(f"corosync:{pid}")
     return reaped
 
 
@@ -485,12 +504,43 @@ class Cluster:
 
 
 class SingleNode(Cluster):
-    """One corosync on 127.0.0.1 in the current network namespace."""
+    """One corosync on 127.0.0.1 in the current network namespace.
+
+    Only one corosync can serve a network namespace, so single-node clusters of concurrent
+    test runs take turns: :meth:`start` waits up to *lock_timeout* seconds for an exclusive
+    ``flock`` keyed by the namespace, held until :meth:`stop`.
+    """
 
     name = "single"
 
-    def __init__(self, base_dir: str | os.PathLike[str] | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        lock_timeout: float = 300.0,
+        **kw: Any,
+    ) -> None:
         super().__init__(1, base_dir, **kw)
+        self.lock_timeout = lock_timeout
+        self._lock: Any = None
+
+    def _acquire_lock(self) -> None:
+        lock_dir = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
+        inode = os.stat("/proc/self/ns/net").st_ino
+        lock = open(os.path.join(lock_dir, f"ulogd-corosync-net{inode}.lock"), "w")  # noqa: SIM115
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise CorosyncError(
+                        f"another single-node cluster is busy in this network namespace "
+                        f"(waited {self.lock_timeout} s)"
+                    ) from None
+                time.sleep(0.1)
+        self._lock = lock
 
     def _addrs(self) -> list[str]:
         return ["127.0.0.1"]
@@ -499,13 +549,23 @@ class SingleNode(Cluster):
         return None
 
     def _setup_network(self) -> None:
+        self._acquire_lock()
         probe = _run(["corosync-cfgtool", "-s"], check=False, timeout=5)
+        if probe.returncode == 0:
+            reap_stale()  # a corosync of a dead run of ours?
+            time.sleep(0.2)
+            probe = _run(["corosync-cfgtool", "-s"], check=False, timeout=5)
         if probe.returncode == 0:
             raise CorosyncError(
                 "a corosync already answers in this network namespace; stop it first"
             )
         # Loopback must be up (it is on a normal host; in a fresh namespace it is not).
         _run(["ip", "link", "set", "lo", "up"], check=False)
+
+    def _teardown_network(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()
 
 
 class MultiNode(Cluster):
