@@ -174,8 +174,7 @@ class Server:
         self.logs: dict[tuple[str, int], Entry] = {}
         self._pending: dict[int, tuple[Entry, Continuation]] = {}
         self._next_token = 1
-        #: (request type name, errno name) → count, for status and metrics
-        self.results: Counter[tuple[str, str]] = Counter()
+        self._counts: Counter[tuple[int, int]] = Counter()  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
         self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
@@ -249,8 +248,16 @@ class Server:
         return [Send(rejected.reply)] if rejected.reply else []
 
     def _reply(self, request: wire.Request, error: int = 0, payload: bytes = b"") -> Send:
-        self.results[(p.type_name(request.request_type), p.errno_name(error))] += 1
+        self._counts[(request.request_type, error)] += 1
         return Send(wire.encode_reply(request, error, payload))
+
+    @property
+    def results(self) -> Counter[tuple[str, str]]:
+        """Replies sent, by (request type name, errno name), for status and metrics."""
+        named: Counter[tuple[str, str]] = Counter()
+        for (rtype, error), count in self._counts.items():
+            named[(p.type_name(rtype), p.errno_name(error))] += count
+        return named
 
     def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
         group = entry.group

@@ -76,6 +76,12 @@ class Layout:
         self.request_size = self.header_size - self.prefix_size
         self.has_luid = "luid" in self.names
         self._index = {n: i for i, n in enumerate(self.names)}
+        self.i_luid = self._index.get("luid", -1)
+        self.i_uuid = self._index["uuid"]
+        self.i_version = self._index.get("version", -1)
+        self.i_seq = self._index["seq"]
+        self.i_type = self._index["request_type"]
+        self.i_data_size = self._index["data_size"]
         # Offsets of the fields a reply rewrites, and of the seq for partial datagrams.
         offset = 0
         self.offsets: dict[str, int] = {}
@@ -127,6 +133,21 @@ class Rejected:
     foreign: bool = False
 
 
+_MAX_UUID_CACHE = 4096
+_uuid_cache: dict[bytes, str] = {}
+
+
+def _uuid_text(raw: bytes) -> str:
+    text = _uuid_cache.get(raw)
+    if text is None:
+        end = raw.find(b"\0")
+        text = (raw if end < 0 else raw[:end]).decode("ascii", "backslashreplace")
+        if len(_uuid_cache) >= _MAX_UUID_CACHE:
+            _uuid_cache.clear()
+        _uuid_cache[raw] = text
+    return text
+
+
 def decode(
     datagram: bytes | bytearray | memoryview, layout: Layout = CURRENT, sender_port: int = 0
 ) -> Request | Rejected:
@@ -134,6 +155,60 @@ def decode(
     size = len(datagram)
     if sender_port != 0:
         return Rejected(f"datagram from netlink port {sender_port}, not the kernel", foreign=True)
+    if size >= layout.header_size:
+        # The fast path: one unpack, then the checks on the values.
+        v = layout.struct.unpack_from(datagram)
+        if (
+            v[4] == 0  # nlmsg_pid: the kernel
+            and v[5] == p.CN_IDX_DM
+            and v[6] == p.CN_VAL_DM_USERSPACE_LOG
+            and v[1] == p.NLMSG_DONE
+            and v[0] == size
+            and v[9] == size - layout.prefix_size
+            and v[layout.i_data_size] == v[9] - layout.request_size
+        ):
+            rtype = v[layout.i_type] & p.REQUEST_TYPE_MASK
+            version = v[layout.i_version] if layout.has_luid else 1
+            data_size = v[layout.i_data_size]
+            expected = _FIXED_SIZES.get(rtype)
+            if expected is None:
+                fits = (
+                    rtype in _REGION_LISTS
+                    and not data_size % 8
+                    and (not data_size or version >= 3 or rtype != p.RequestType.FLUSH)
+                )
+            else:
+                fits = expected == data_size
+            if fits and 0 < version <= p.PROTOCOL_VERSION:
+                return Request(
+                    v[layout.i_luid] if layout.has_luid else 0,
+                    _uuid_text(v[layout.i_uuid]),
+                    version,
+                    v[layout.i_seq],
+                    rtype,
+                    bytes(datagram[layout.header_size :]) if data_size else b"",
+                    bytes(datagram[: layout.header_size]),
+                    layout,
+                    v[7],
+                )
+    return _decode_checked(datagram, layout, size)
+
+
+#: request types whose payload has one exact size (the common ones take the fast path)
+_FIXED_SIZES: dict[int, int] = {
+    t: {p.Payload.NONE: 0, p.Payload.REGION: 8, p.Payload.REGION_SYNC: 16}[spec.payload]
+    for t, spec in p.SPECS.items()
+    if spec.payload in (p.Payload.NONE, p.Payload.REGION, p.Payload.REGION_SYNC)
+}
+
+
+_REGION_LISTS = frozenset(t for t, spec in p.SPECS.items() if spec.payload is p.Payload.REGIONS)
+
+
+def _decode_checked(
+    datagram: bytes | bytearray | memoryview, layout: Layout, size: int
+) -> Request | Rejected:
+    """Every check, one at a time, with a reason for whatever fails."""
     if size < layout.prefix_size:
         return Rejected(f"truncated datagram of {size} bytes (< {layout.prefix_size})")
     nl_len, nl_type, _fl, _nseq, nl_pid, idx, val, cn_seq, _ack, cn_len, _cfl = _ACK.unpack_from(
@@ -159,13 +234,12 @@ def decode(
             f"request of {cn_len} bytes is shorter than the {layout.request_size}-byte header",
             reply=encode_ack(cn_seq, p.EINVAL),
         )
-    values = layout.struct.unpack_from(datagram)
-    fields = dict(zip(layout.names, values, strict=True))
-    data_size = fields["data_size"]
-    raw_type = fields["request_type"]
+    v = layout.struct.unpack_from(datagram)
+    data_size = v[layout.i_data_size]
+    raw_type = v[layout.i_type]
     request_type = raw_type & p.REQUEST_TYPE_MASK
-    version = fields.get("version", 1)
-    header = bytes(datagram[layout.prefix_size : layout.header_size])
+    version = v[layout.i_version] if layout.has_luid else 1
+    header = bytes(datagram[: layout.header_size])
     if layout.request_size + data_size != cn_len:
         return Rejected(
             f"data_size {data_size} disagrees with cn_msg.len {cn_len}",
@@ -187,14 +261,11 @@ def decode(
         return Rejected(
             f"{p.type_name(request_type)} {problem}", reply=_error_reply(layout, header, p.EINVAL)
         )
-    raw_uuid = fields["uuid"]
-    end = raw_uuid.find(b"\0")
-    uuid = (raw_uuid if end < 0 else raw_uuid[:end]).decode("ascii", "backslashreplace")
     return Request(
-        luid=fields.get("luid", 0),
-        uuid=uuid,
+        luid=v[layout.i_luid] if layout.has_luid else 0,
+        uuid=_uuid_text(v[layout.i_uuid]),
         version=max(version, 1),
-        seq=fields["seq"],
+        seq=v[layout.i_seq],
         request_type=request_type,
         data=data,
         raw_header=header,
@@ -208,25 +279,23 @@ def _error_reply(layout: Layout, header: bytes, error: int) -> bytes:
 
 
 def _build(layout: Layout, header: bytes, error: int, payload: bytes) -> bytes:
-    req = bytearray(header)
-    base = layout.prefix_size
-    struct.pack_into("=i", req, layout.offsets["error"] - base, error)
-    struct.pack_into("=I", req, layout.offsets["data_size"] - base, len(payload))
-    cn_len = len(req) + len(payload)
-    prefix = _ACK.pack(
-        layout.prefix_size + cn_len,
-        p.NLMSG_DONE,
-        0,
-        0,
-        0,
-        p.CN_IDX_DM,
-        p.CN_VAL_DM_USERSPACE_LOG,
-        0,
-        0,
-        cn_len,
-        0,
-    )
-    return prefix + bytes(req) + payload
+    """A reply: the request's own headers with lengths, ``error`` and ``data_size`` rewritten
+    (cn_msg.seq and nlmsg_seq are left as the kernel sent them; it matches on the request's
+    ``seq``, which is kept)."""
+    out = bytearray(header)
+    size = layout.header_size + len(payload)
+    _U32.pack_into(out, 0, size)
+    _U16.pack_into(out, 32, size - layout.prefix_size)
+    _I32.pack_into(out, layout.offsets["error"], error)
+    _U32.pack_into(out, layout.offsets["data_size"], len(payload))
+    if payload:
+        out += payload
+    return bytes(out)
+
+
+_U32 = struct.Struct("=I")
+_U16 = struct.Struct("=H")
+_I32 = struct.Struct("=i")
 
 
 def encode_reply(request: Request, error: int = 0, payload: bytes = b"") -> bytes:
