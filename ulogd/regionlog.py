@@ -170,6 +170,16 @@ class RegionLog:
             self.full_write = True
         self.scalars_changed = True
 
+    def blank_copy(self) -> RegionLog:
+        """A log of the same geometry with fresh in-memory bitmaps (to load a peer's state)."""
+        clean = bitarray(len(self.clean), endian="little")
+        sync = bitarray(len(self.sync), endian="little")
+        clean.setall(0)
+        sync.setall(0)
+        copy = RegionLog(self.config, clean, sync, device_id=self.device_id)
+        copy.has_disk = self.has_disk
+        return copy
+
     # ------------------------------------------------------------------ checks
     def check_regions(self, regions: Iterable[int]) -> int:
         """0, or -EINVAL when any region is out of range."""

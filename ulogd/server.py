@@ -602,11 +602,13 @@ class Server:
         members: list[tuple[int, int]],
         left: list[tuple[int, int]],
         joined: list[tuple[int, int]],
+        nodeup: list[tuple[int, int]] | None = None,
     ) -> list[Action]:
         entry = self.logs.get(key)
         if entry is None or entry.group is None:
             return []
-        return self._group_actions(entry, entry.group.confchg(members, left, joined))
+        change = entry.group.confchg(members, left, joined, nodeup or ())
+        return self._group_actions(entry, change)
 
     def group_deliver(
         self, key: tuple[str, int], sender: tuple[int, int], data: bytes

@@ -113,6 +113,15 @@ CHUNK_SIZE = 256 * 1024
 
 
 @dataclass
+class _Merge:
+    expect: set[MemberId]
+    parts: dict[MemberId, int] = field(default_factory=dict)
+    points: dict[MemberId, int] = field(default_factory=dict)
+    chunks: dict[MemberId, dict[int, bytes]] = field(default_factory=dict)
+    queue: list[tuple] = field(default_factory=list)
+
+
+@dataclass
 class _Assembly:
     point: int
     parts: int
@@ -149,6 +158,7 @@ class Group:
         self._queue: list[tuple[int, object]] = []
         self._assembly: _Assembly | None = None
         self._leaving: wire.Request | None = None
+        self._merge: _Merge | None = None
         self.dropped = 0  # corrupt or foreign messages
 
     # ------------------------------------------------------------------ properties
@@ -228,7 +238,10 @@ class Group:
         members: Sequence[MemberId],
         left: Sequence[MemberId],
         joined: Sequence[MemberId],
+        nodeup: Sequence[MemberId] = (),
     ) -> list[Action]:
+        """A configuration change; ``nodeup`` names the joined members that arrived with a
+        merging partition (corosync's NODEUP reason) rather than by joining."""
         members_t = tuple(sorted(members))
         if self.phase is Phase.LEFT:
             return []
@@ -243,14 +256,128 @@ class Group:
             self.log.members = {n for n, _ in members_t}
             return self._maybe_master()
         self.index += 1
+        event = ("confchg", members_t, tuple(left), tuple(joined))
+        if self._merge is not None:
+            return self._merge_confchg(members_t, tuple(left), event)
+        if nodeup and any(mm in members_t for mm in nodeup):
+            return self._start_merge(members_t, tuple(left), tuple(joined), tuple(nodeup))
         if self.phase is Phase.JOINING:
-            self._queue.append((self.index, ("confchg", members_t, tuple(left), tuple(joined))))
+            self._queue.append((self.index, event))
             self.members = members_t
             self._elders -= set(left)
             self._cohort &= set(members_t)
             self.log.members = {n for n, _ in members_t}
             return self._maybe_master()
         return self._apply_confchg(members_t, tuple(left), tuple(joined))
+
+    # ------------------------------------------------------------------ partition merges
+    def _start_merge(
+        self,
+        members: tuple[MemberId, ...],
+        left: tuple[MemberId, ...],
+        joined: tuple[MemberId, ...],
+        nodeup: tuple[MemberId, ...],
+    ) -> list[Action]:
+        """Partitions merged: every member contributes its state as of this change (or says it
+        has none); events are held until every contribution is in, then all replicas combine
+        them the same way (:func:`checkpoint.merge_into`)."""
+        actions: list[Action] = []
+        if self.phase is Phase.VALID:
+            # Departures seen in this change still count (a node on the far side may have
+            # crashed); NODEUP members are not joiners, they bring their own state.
+            actions += self._apply_confchg(members, left, tuple(j for j in joined if j in nodeup))
+        self.members = members
+        self.log.members = {n for n, _ in members}
+        log.warning("partitions merged (%d member(s) came back): combining replicas", len(nodeup))
+        self._merge = _Merge(expect=set(members))
+        self.sender = None
+        if self.phase is Phase.VALID:
+            book = ck.GroupBook(self.index, (), ())
+            parts = ck.split(ck.snapshot(self.log, book), self.chunk_size)
+            self.in_flight += len(parts)
+            actions += [
+                Multicast(m.encode_merge(self.index, i, len(parts), chunk))
+                for i, chunk in enumerate(parts)
+            ]
+        else:
+            self.in_flight += 1
+            actions.append(Multicast(m.encode_merge(0, 0, 0, b"")))
+        return actions
+
+    def _merge_confchg(
+        self, members: tuple[MemberId, ...], left: tuple[MemberId, ...], event: tuple
+    ) -> list[Action]:
+        merge = self._merge
+        assert merge is not None
+        self.members = members
+        self.log.members = {n for n, _ in members}
+        for gone in left:
+            merge.expect.discard(gone)
+            merge.chunks.pop(gone, None)
+            merge.parts.pop(gone, None)
+        merge.queue.append(event)
+        return self._merge_complete()
+
+    def _merge_chunk(self, sender: MemberId, chunk: m.MergeChunk) -> list[Action]:
+        merge = self._merge
+        assert merge is not None
+        if sender not in merge.expect:
+            return []
+        merge.parts[sender] = chunk.parts
+        merge.points[sender] = chunk.point
+        if chunk.parts:
+            merge.chunks.setdefault(sender, {})[chunk.part] = chunk.data
+        return self._merge_complete()
+
+    def _merge_complete(self) -> list[Action]:
+        merge = self._merge
+        assert merge is not None
+        for member in merge.expect:
+            parts = merge.parts.get(member)
+            if parts is None or (parts and len(merge.chunks.get(member, {})) < parts):
+                return []
+        self._merge = None
+        contributors = sorted(mm for mm in merge.expect if merge.parts[mm])
+        actions: list[Action] = []
+        if self.phase is Phase.VALID:
+            others = []
+            for member in contributors:
+                if member == self.me:
+                    continue
+                blob = b"".join(merge.chunks[member][i] for i in range(merge.parts[member]))
+                replica = self.log.blank_copy()
+                try:
+                    ck.restore(replica, blob)
+                except ck.CheckpointError as exc:
+                    log.error("merge contribution of node %d unusable: %s", member[0], exc)
+                    continue
+                others.append(replica)
+            ck.merge_into(self.log, others)
+        self.index = max(merge.points.values(), default=0) + 1
+        self.valid = {mm for mm in contributors if mm in self.members}
+        self.joiners = {}
+        if self.phase is Phase.VALID:
+            rl = self.log
+            if rl.has_disk and self.disk_server is not None:
+                rl.take_disk_work()  # full rewrite by the (possibly new) server
+                if self.disk_server == self.me[0]:
+                    actions.append(WriteDisk(None, self.index))
+            for event in merge.queue:
+                self.index += 1
+                actions += self._replay(self.index, event)
+            for member in self.members:
+                if member not in self.valid:
+                    self.joiners[member] = self.index
+            actions += self._checkpoint_duty()
+        else:
+            # Still without state: the merged group's checkpoint comes later, counted from here.
+            self.index = 0
+            self._queue = []
+            if not self.valid:
+                self._elders = set()
+                self._cohort = set(self.members)
+                actions += self._maybe_master()
+        return actions
 
     def _maybe_master(self) -> list[Action]:
         if self._elders:
@@ -346,7 +473,12 @@ class Group:
         if mine:
             self.in_flight = max(0, self.in_flight - 1)
         actions: list[Action] = []
-        if self.phase is Phase.JOINING:
+        if isinstance(message, m.MergeChunk):
+            if self._merge is not None:
+                actions = self._merge_chunk(sender, message)
+        elif self._merge is not None:
+            self._merge.queue.append(("message", sender, message))
+        elif self.phase is Phase.JOINING:
             done = self._collect(message) if isinstance(message, m.CheckpointChunk) else None
             if done is None:
                 self._queue.append((self.index, ("message", sender, message)))

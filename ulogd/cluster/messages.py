@@ -25,6 +25,7 @@ problem, and the caller drops the message with a log line.  Bodies:
   the log device (``error`` 0), or writing failed (``-EIO``: every member then reports ``D``).
 * ``CHECKPOINT`` — one chunk of a state snapshot for members that joined at a configuration
   change: ``u64 point, u32 part, u32 parts`` + a target list + the chunk's bytes.
+* ``MERGE`` — one chunk of a member's state when partitions merge (same body, no targets).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Kind(enum.IntEnum):
     OPS = 1
     DISK_DONE = 2
     CHECKPOINT = 3
+    MERGE = 4  # a member's contribution to a partition merge (checkpoint body, no targets)
 
 
 class Op(enum.IntEnum):
@@ -101,7 +103,17 @@ class CheckpointChunk:
     data: bytes = field(repr=False)
 
 
-Message = Ops | DiskDone | CheckpointChunk
+@dataclass(frozen=True, slots=True)
+class MergeChunk:
+    """One chunk of a member's state at a merge change (``parts == 0``: it has no state)."""
+
+    point: int  # the sender's own delivery index at the merge change
+    part: int
+    parts: int
+    data: bytes = field(repr=False)
+
+
+Message = Ops | DiskDone | CheckpointChunk | MergeChunk
 
 
 def _frame(kind: Kind, body: bytes) -> bytes:
@@ -130,6 +142,10 @@ def encode_checkpoint(
     return _frame(Kind.CHECKPOINT, body)
 
 
+def encode_merge(point: int, part: int, parts: int, data: bytes) -> bytes:
+    return _frame(Kind.MERGE, _CKPT.pack(point, part, parts, 0) + data)
+
+
 def decode(data: bytes) -> Message:
     """Check and decode one delivered message; raises :class:`MessageError`."""
     if len(data) < HEADER_SIZE:
@@ -155,6 +171,11 @@ def decode(data: bytes) -> Message:
             return DiskDone(*_DONE.unpack(body))
         if kind == Kind.CHECKPOINT:
             return _decode_checkpoint(body)
+        if kind == Kind.MERGE:
+            point, part, parts, _n = _CKPT.unpack_from(body)
+            if parts and not 0 <= part < parts:
+                raise MessageError(f"merge part {part} of {parts}")
+            return MergeChunk(point, part, parts, bytes(body[_CKPT.size :]))
     except struct.error as exc:
         raise MessageError(f"truncated {Kind(kind).name} body: {exc}") from None
     raise MessageError(f"unknown message type {kind}")

@@ -115,7 +115,8 @@ class CorosyncLink:
             joined = [m.ident for m in change.joined]
             reasons = ", ".join(f"{m.nodeid}:{m.reason.name}" for m in change.left + change.joined)
             log.info("[%s] group members %s (%s)", key[0][-8:], members, reasons)
-            self.execute(self.server.group_confchg(key, members, left, joined))
+            nodeup = [m.ident for m in change.joined if m.reason is cpg.Reason.NODEUP]
+            self.execute(self.server.group_confchg(key, members, left, joined, nodeup))
 
         def on_lost(lost: Any) -> None:
             log.error("[%s] corosync connection lost (%s)", key[0][-8:], lost.op)
