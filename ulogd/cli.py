@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         "by ulogd (dm-log-userspace).",
     )
     tablegen.add_arguments(table)
+
+    from ulogd import replay
+
+    replay.add_arguments(
+        commands.add_parser(
+            "replay",
+            help="dry-run a capture through this ulogd and compare its answers",
+            description="Feed every recorded kernel request to a fresh ulogd core and compare "
+            "each answer with the recorded one.  Exit status: 0 all agree, 1 mismatch, "
+            "4 capture unreadable.",
+        )
+    )
     return parser
 
 
