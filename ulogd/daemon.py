@@ -38,6 +38,7 @@ from ulogd.metrics import Metrics
 from ulogd.server import (
     Action,
     ClusterSend,
+    Cycle,
     DiskRead,
     DiskWrite,
     Join,
@@ -274,6 +275,8 @@ class Daemon:
                     self.metrics.latency.observe(time.perf_counter_ns() - started)
                 if self.capture is not None:
                     self.capture.record(Direction.FROM_DAEMON, action.data)
+            elif isinstance(action, Cycle):
+                self._cycle(action.key)
             elif isinstance(action, Join | ClusterSend | Leave):
                 if self.cluster is None:
                     log.error("cluster action without a cluster link: %s", type(action).__name__)
@@ -287,6 +290,30 @@ class Daemon:
                 if started:
                     self._io_started[action.token] = started
                 worker.submit(action)
+
+    def _cycle(self, key: tuple[str, int]) -> None:
+        """Suspend/resume the local mirror(s) using this log, without blocking the loop."""
+        from ulogd import dmcontrol
+
+        names = dmcontrol.mirrors_using(key[0])
+        if not names:
+            log.error("[%s] no local mirror uses this log: nothing to cycle", key[0][-8:])
+            self.server.cycle_done(key, False)
+            return
+        log.warning("[%s] suspend/resume of %s to recover a departed member's regions",
+                    key[0][-8:], ", ".join(names))  # fmt: skip
+        child = dmcontrol.start_cycle(names)
+        pidfd = os.pidfd_open(child.pid)
+
+        def finished() -> None:
+            self.remove_fd(pidfd)
+            os.close(pidfd)
+            rc = child.wait()
+            if rc != 0 and child.stderr is not None:
+                log.error("[%s] cycle failed: %s", key[0][-8:], child.stderr.read().decode())
+            self.server.cycle_done(key, rc == 0)
+
+        self.add_reader(pidfd, finished)
 
     def _on_signal(self, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -114,13 +114,27 @@ class Leave:
     key: tuple[str, int]
 
 
-Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave
+@dataclass(slots=True)
+class Cycle:
+    """Suspend and resume this node's mirror that uses the log, so its kernel recovers the
+    regions a departed member left out of sync; report back with :meth:`Server.cycle_done`."""
+
+    key: tuple[str, int]
+
+
+Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave | Cycle
 
 #: requests that change replicated state: ordered through the group unless alone
 GROUP_TYPES = frozenset(
-    {T.MARK_REGION, T.CLEAR_REGION, T.FLUSH, T.GET_RESYNC_WORK, T.SET_REGION_SYNC,
-     T.IS_REMOTE_RECOVERING}
-)  # fmt: skip
+    {
+        T.MARK_REGION,
+        T.CLEAR_REGION,
+        T.FLUSH,
+        T.GET_RESYNC_WORK,
+        T.SET_REGION_SYNC,
+        T.IS_REMOTE_RECOVERING,
+    }
+)
 Continuation = Callable[[bytes | None, OSError | None], list[Action]]
 
 
@@ -139,6 +153,7 @@ class Entry:
     resume_request: wire.Request | None = None  # RESUME waiting for the group's state
     carried: bool = False  # region state came from a reload's previous instance
     orphaned: Group | None = None  # a group whose corosync connection was lost
+    cycling: bool = False  # a suspend/resume of the local mirror driven by ulogd is running
 
     @property
     def waiting(self) -> bool:
@@ -454,6 +469,8 @@ class Server:
         return [self._reply(request, entry.log.presuspend())]
 
     def _postsuspend(self, entry: Entry, request: wire.Request) -> list[Action]:
+        if entry.group is not None and entry.cycling:
+            return [self._reply(request)]  # our own recovery cycle: stay in the group
         if entry.group is not None:
             return self._group_actions(entry, entry.group.postsuspend(request))
         entry.log.postsuspend()
@@ -467,6 +484,9 @@ class Server:
                 rl.adopt(previous.log)  # its final state, now that it is suspended
                 entry.carried = True
             entry.predecessor = None
+        if entry.cycling and entry.group is not None and entry.group.phase is g.Phase.VALID:
+            rl.resume_member()  # the kernel resets its hint and asks for resync work again
+            return [self._reply(request)]
         if self.cluster and rl.config.clustered and entry.group is None:
             entry.group = Group(rl, (self.local_node, self.member_pid))
             entry.resume_request = request
@@ -634,6 +654,17 @@ class Server:
         entry.group = Group(entry.log, (self.local_node, self.member_pid))
         return [Join(key, key[0].encode() + b"\0")]
 
+    def cycle_done(self, key: tuple[str, int], ok: bool) -> None:
+        entry = self.logs.get(key)
+        if entry is not None:
+            entry.cycling = False
+            if not ok:
+                log.error(
+                    "%s the recovery cycle of the local mirror failed: regions lost by a "
+                    "departed member are recovered at its next resume",
+                    tag(key[0]),
+                )
+
     def set_quorate(self, quorate: bool) -> list[Action]:
         actions: list[Action] = []
         for entry in self.logs.values():
@@ -653,6 +684,16 @@ class Server:
                 out += self._group_write(entry, action)
             elif isinstance(action, g.Ready):
                 out += self._group_ready(entry, action.master)
+            elif isinstance(action, g.Recover):
+                if not entry.cycling:
+                    entry.cycling = True
+                    log.warning(
+                        "%s %d region(s) must be recovered: cycling the local mirror so "
+                        "its kernel asks for resync work",
+                        tag(key[0]),
+                        len(action.regions),
+                    )
+                    out.append(Cycle(key))
             elif isinstance(action, g.LeaveNow):
                 entry.group = None
                 out.append(Leave(key))
@@ -669,8 +710,9 @@ class Server:
             return (
                 self._group_actions(entry, group.disk_written(action.index, False)) if group else []
             )
-        extents = disklog.plan_write(rl.clean, rl.region_count, action.chunks,
-                                     entry.device.block_size)  # fmt: skip
+        extents = disklog.plan_write(
+            rl.clean, rl.region_count, action.chunks, entry.device.block_size
+        )
 
         def written(_data: bytes | None, exc: OSError | None) -> list[Action]:
             if exc is not None:

@@ -99,6 +99,14 @@ class LeaveNow:
 
 
 @dataclass(slots=True)
+class Recover:
+    """Regions lost sync because a member left holding them: this node's kernel must be made
+    to ask for resync work again (it stops asking once it has seen every region in sync)."""
+
+    regions: list[int]
+
+
+@dataclass(slots=True)
 class Ready:
     """This member now holds the group's state.  ``master``: nobody else had it — load it
     locally (own replica, or the disk for a disk log) before answering."""
@@ -106,7 +114,7 @@ class Ready:
     master: bool
 
 
-Action = Answer | Multicast | WriteDisk | Ready | LeaveNow
+Action = Answer | Multicast | WriteDisk | Ready | LeaveNow | Recover
 
 #: checkpoint chunk size: well below corosync's atomic message size (~1 MiB)
 CHUNK_SIZE = 256 * 1024
@@ -414,6 +422,7 @@ class Group:
             if was_valid and member[0] not in present_nodes:
                 lost = rl.node_departed(member[0])
                 if lost:
+                    actions.append(Recover(lost))
                     log.warning(
                         "member %d left holding %d marked region(s): they lose sync and will "
                         "be recovered", member[0], len(lost),
