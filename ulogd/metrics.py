@@ -56,6 +56,10 @@ LATENCY_BOUNDS_NS: tuple[int, ...] = (
 )
 
 
+#: the classic text format that ``generate_latest`` writes (every Prometheus reads it)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
 class LatencyHistogram:
     """Cumulative-on-read histogram of reply latencies in nanoseconds (loop thread only)."""
 
@@ -239,10 +243,8 @@ class HttpListener:
             return _http(405, b"only GET /metrics\n", "text/plain")
         if first[1].split(b"?", 1)[0] != b"/metrics":
             return _http(404, b"try /metrics\n", "text/plain")
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         body = render(self.daemon)
-        return _http(200, b"" if first[0] == b"HEAD" else body, CONTENT_TYPE_LATEST, len(body))
+        return _http(200, b"" if first[0] == b"HEAD" else body, CONTENT_TYPE, len(body))
 
     def close(self) -> None:
         self.service.close()
