@@ -9,8 +9,8 @@ delivers through callbacks given at construction:
 * ``on_deliver(Message)``: each message of the group, in the same total order on every member,
   including our own;
 * ``on_confchg(ConfChg)``: membership changes, ordered consistently with the messages;
-* ``on_totem(TotemConfChg)``: ring changes (optional; a *local* view, keep it out of the
-  replicated state);
+* ``on_totem(TotemConfChg)``: ring changes, starting with the current ring on join
+  (optional, fixed at :meth:`Handle.open`; a *local* view, keep it out of replicated state);
 * ``on_lost(Lost)``: the local corosync went away.
 
 Nothing happens behind the caller's back: callbacks run only inside :meth:`Handle.dispatch`,
@@ -48,6 +48,7 @@ CPG_MODEL_V1 = 1
 CPG_TYPE_AGREED = 2
 CPG_MAX_NAME_LENGTH = 128
 CPG_MEMBERS_MAX = 128
+CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF = 1
 CS_DISPATCH_ALL = 2
 
 DeliverCallback = Callable[[Message], object]
@@ -158,8 +159,12 @@ class Handle:
         model.model = CPG_MODEL_V1
         model.cpg_deliver_fn = _deliver_cb
         model.cpg_confchg_fn = _confchg_cb
-        model.cpg_totem_confchg_fn = _totem_cb if self.on_totem is not None else ffi.NULL
-        model.flags = 0
+        if self.on_totem is not None:  # and deliver the current ring at once
+            model.cpg_totem_confchg_fn = _totem_cb
+            model.flags = CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF
+        else:
+            model.cpg_totem_confchg_fn = ffi.NULL
+            model.flags = 0
         out = ffi.new("cpg_handle_t *")
         check(
             lib.cpg_model_initialize(

@@ -159,3 +159,11 @@ def test_quorum_single_node_is_quorate(corosync_single: SingleNode) -> None:
         assert q.is_quorate() is True
         assert q.fileno() >= 0
         assert q.dispatch() is True
+
+
+def test_totem_callback_reports_the_ring_on_join(corosync_single: SingleNode) -> None:
+    rings: list[cpg.TotemConfChg] = []
+    with cpg.Handle(on_totem=rings.append) as h:
+        h.join(GROUP)  # corosync sends the initial ring on join
+        pump([h], lambda: bool(rings), timeout=5)
+    assert rings[0].nodes == (1,) and rings[0].ring_nodeid == 1 and rings[0].ring_seq > 0
