@@ -122,6 +122,7 @@ def setup_info() -> dict[str, Any]:
         "host": platform.node(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg()[0],
         "python": platform.python_version(),
         "corosync": version.splitlines()[0] if version else "?",
         "token_ms": corosync.TOKEN_MS,
@@ -134,7 +135,8 @@ def print_report(report: dict[str, Any]) -> None:
     s = report["setup"]
     print(f"# CPG benchmark {s['date']}: {s['corosync']}, kernel {s['kernel']}, {s['cpus']} CPUs")
     print(f"# token {s['token_ms']} ms, {s['transport']}; {s['client']}")
-    print(f"# install {report['install_seconds']:.1f} s")
+    load = s["loadavg_before"]
+    print(f"# install {report['install_seconds']:.1f} s, load average before the run {load:.1f}")
     for cluster in report["clusters"]:
         start, stop = cluster["start_seconds"], cluster.get("stop_seconds")
         stop_text = f"{stop:.2f} s" if stop is not None else "?"

@@ -99,7 +99,7 @@ def test_join_leave_procdown_reasons(corosync_three: MultiNode) -> None:
     for m, mark in zip((m1, m2), marks, strict=True):
         e = m.wait_for("confchg", after=mark)
         assert entries(e, "left") == {(3, m4.pid, "PROCDOWN")}
-        assert e["t"] - killed < 1.0
+        assert e["t"] - killed < 2.0
     # Both survivors saw the same membership history from their common 2-member view on.
     histories = []
     for m in (m1, m2):
@@ -116,7 +116,7 @@ def test_nodedown_lost_event_and_reconnect_after_revive(corosync_three: MultiNod
     corosync_three.kill(3)
 
     lost = m3.wait_for("lost", after=marks[2], timeout=5)
-    assert lost["code"] == 2 and lost["t"] - killed < 1.0  # CS_ERR_LIBRARY, promptly
+    assert lost["code"] == 2 and lost["t"] - killed < 2.0  # CS_ERR_LIBRARY, promptly
     detection = []
     for m, mark in zip((m1, m2), marks[:2], strict=True):
         e = m.wait_for("confchg", after=mark, timeout=NODE_LOSS_TIMEOUT + 2)
