@@ -1,0 +1,412 @@
+"""Three real corosync nodes in network namespaces, a ulogd per node, driven as the kernel would.
+
+Every test builds its own cluster (``ulogd_three``), creates the same clustered-core log on the
+nodes it needs and checks the replicas from *every* node: per region through the kernel's own
+queries (IS_CLEAN / IN_SYNC / GET_SYNC_COUNT are answered from the local replica) and per log
+through each daemon's ``status`` snapshot (control socket).  Waits are bounded; daemon logs are
+attached to a failed test's report.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterable
+
+import pytest
+
+from ulogd.protocol import RequestType as T
+from ulogd.testing.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
+from ulogd.testing.corosync import TOKEN_MS
+from ulogd.testing.driver import LogDriver
+
+pytestmark = pytest.mark.corosync
+
+UUID = "LVM-cluster-real-0001"
+NOSYNC = "131072 clustered-core 1024 nosync"  # 128 regions, all in sync
+RESYNC = "131072 clustered-core 1024"  # 128 regions, all to be recovered
+REGIONS = 128
+#: corosync declares a silent node dead after token + consensus (1.2 token); one ring more
+FAILOVER_BOUND = 2.2 * TOKEN_MS / 1000 + 0.5
+
+
+def create(u: UlogdCluster, nodes: Iterable[int], ctr: str = NOSYNC) -> dict[int, LogDriver]:
+    drivers = {}
+    for n in nodes:
+        drivers[n] = u[n].driver(UUID)
+        drivers[n].create(ctr)
+    return drivers
+
+
+def ok(reply: object) -> None:
+    error = getattr(reply, "error", 0)
+    assert error == 0, f"request failed with {error}"
+
+
+def mark_flush(d: LogDriver, regions: list[int]) -> None:
+    ok(d.mark(regions))
+    ok(d.flush())
+
+
+def clear_flush(d: LogDriver, regions: list[int]) -> None:
+    ok(d.clear(regions))
+    ok(d.flush())
+
+
+def agree(drivers: dict[int, LogDriver], regions: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Every node's (IS_CLEAN, IN_SYNC) per region; raises unless all nodes agree."""
+    regions = list(regions)
+    views = {n: regions_view(d, regions) for n, d in drivers.items()}
+    first = next(iter(views.values()))
+    for n, view in views.items():
+        diff = {r: (first[r], view[r]) for r in regions if view[r] != first[r]}
+        if diff:
+            raise ClusterTestError(f"node {n} disagrees with node {min(views)}: {diff}")
+    return first
+
+
+def statuses(u: UlogdCluster, nodes: Iterable[int]) -> dict[int, dict]:
+    out = {}
+    for n in nodes:
+        st = u[n].log_status(UUID)
+        assert st is not None, f"node {n} does not show the log"
+        out[n] = st
+    return out
+
+
+# ------------------------------------------------------------------------------------ 1
+
+
+def test_concurrent_writers_converge_and_never_clean_a_held_region(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    u.start()
+    # Node 1 alone: recover half the log, so the joiners must receive a non-trivial state.
+    first = create(u, [1], RESYNC)
+    synced = set(range(64))
+    for _ in synced:
+        i, r = first[1].resync_work()
+        assert i == 1 and r in synced
+        ok(first[1].set_region_sync(r, True))
+        clear_flush(first[1], [r])
+    mark_flush(first[1], [3, 100])
+    drivers = {**first, **create(u, [2, 3], RESYNC)}
+    for n, d in drivers.items():
+        assert d.sync_count() == 64, f"node {n}"
+    view = agree(drivers, range(REGIONS))
+    assert [r for r in range(REGIONS) if view[r][1]] == sorted(synced)
+    assert view[3] == (0, 1) and view[100] == (0, 0) and view[4] == (1, 1)
+    clear_flush(first[1], [3, 100])
+
+    hot = [*range(10), 100, 101]  # overlapping writers; 100 and 101 are out of sync
+    held: dict[int, set[int]] = {n: set() for n in drivers}
+    errors: list[str] = []
+    counts = dict.fromkeys(drivers, 0)
+
+    def writer(n: int, stop: float, seed: int) -> None:
+        rng = random.Random(seed)
+        d = u[n].driver(UUID)
+        try:
+            while time.monotonic() < stop:
+                mine = held[n]
+                op = rng.random()
+                if op < 0.5 or not mine:
+                    free = [r for r in hot if r not in mine] or hot
+                    new = rng.sample(free, min(len(free), rng.randint(1, 2)))
+                    ok(d.mark(new))
+                    mine.update(new)
+                    ok(d.flush())
+                    for r in new:  # committed: this node's replica has applied the mark
+                        if d.is_clean(r):
+                            errors.append(f"node {n}: region {r} clean right after its FLUSH")
+                elif op < 0.9:
+                    gone = rng.sample(sorted(mine), rng.randint(1, len(mine)))
+                    ok(d.clear(gone))
+                    mine.difference_update(gone)
+                    ok(d.flush())
+                else:
+                    ok(d.flush(rng.sample(hot, 1)) if rng.random() < 0.5 else d.flush())
+                counts[n] += 1
+            ok(d.flush())
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(f"node {n}: {exc!r}")
+
+    def check_quiescent() -> None:
+        holders = set().union(*held.values())
+
+        def converged() -> bool:
+            view = agree(drivers, [*hot, 50, 120])
+            for r, (clean, in_sync) in view.items():
+                want_sync = int(r in synced)
+                want_clean = int(r in synced and r not in holders)
+                if (clean, in_sync) != (want_clean, want_sync):
+                    raise ClusterTestError(
+                        f"region {r}: (clean, in_sync) = {(clean, in_sync)}, ledger wants "
+                        f"{(want_clean, want_sync)}; holders {sorted(holders)}"
+                    )
+            return True
+
+        wait_until(converged, 5.0, "the replicas to agree with the ledger")
+        for n, st in statuses(u, drivers).items():
+            assert st["in_sync"] == 64, f"node {n}: {st}"
+            assert st["marked"] == len(holders), f"node {n}: {st}"
+            assert st["members"] == [1, 2, 3], f"node {n}: {st}"
+
+    for round_ in range(2):
+        stop = time.monotonic() + 3.0
+        threads = [
+            threading.Thread(target=writer, args=(n, stop, 1000 * round_ + n)) for n in drivers
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads), "a writer hung"
+        assert not errors, errors
+        check_quiescent()
+    assert min(counts.values()) > 20, counts
+    # Everybody lets go: exactly the synced hot regions become clean.
+    for n, d in drivers.items():
+        clear_flush(d, sorted(held[n]))
+        held[n].clear()
+    check_quiescent()
+
+
+# ------------------------------------------------------------------------------------ 2
+
+
+def test_late_joiner_with_lowest_node_id_sees_held_marks(ulogd_three: UlogdCluster) -> None:
+    u = ulogd_three
+    u.start([2, 3])
+    drivers = create(u, [2, 3])
+    mark_flush(drivers[2], [10, 11])
+    mark_flush(drivers[3], [10, 12])
+    u.start([1])
+    drivers.update(create(u, [1]))
+    assert "received the group's state" in u[1].log_text()
+    view = agree(drivers, range(REGIONS))
+    dirty = sorted(r for r, (clean, _) in view.items() if not clean)
+    assert dirty == [10, 11, 12]
+    for n, st in statuses(u, [1, 2, 3]).items():
+        assert st["marked"] == 3 and st["members"] == [1, 2, 3], f"node {n}: {st}"
+    clear_flush(drivers[2], [10, 11])  # node 3 still writes region 10
+    wait_until(lambda: agree(drivers, [10, 11, 12]) == {10: (0, 1), 11: (1, 1), 12: (0, 1)},
+               5.0, "region 11 clean, 10 and 12 dirty everywhere")  # fmt: skip
+    clear_flush(drivers[3], [10, 12])
+    wait_until(lambda: agree(drivers, [10, 11, 12]) == dict.fromkeys((10, 11, 12), (1, 1)),
+               5.0, "regions 10-12 clean everywhere")  # fmt: skip
+    # The newcomer takes part like the others: its marks reach the elders.
+    mark_flush(drivers[1], [13])
+    wait_until(lambda: agree(drivers, [13]) == {13: (0, 1)}, 5.0, "region 13 dirty everywhere")
+
+
+# ------------------------------------------------------------------------------------ 3
+
+
+def test_ulogd_killed_with_marks_is_recovered_and_rejoins(ulogd_three: UlogdCluster) -> None:
+    u = ulogd_three
+    u.start()
+    drivers = create(u, [1, 2, 3])
+    mark_flush(drivers[3], [20, 21, 22])
+    mark_flush(drivers[2], [22])
+    survivors = {n: drivers[n] for n in (1, 2)}
+    wait_until(lambda: agree(drivers, [20, 21, 22]) == dict.fromkeys((20, 21, 22), (0, 1)),
+               5.0, "the marks everywhere")  # fmt: skip
+    u.kill(3)
+    # Its writes may have reached one leg only: every region it held loses sync.
+    wait_until(lambda: all(d.sync_count() == REGIONS - 3 for d in survivors.values()),
+               5.0, "the survivors to drop 3 regions from the sync count")  # fmt: skip
+    assert agree(survivors, [20, 21, 22]) == dict.fromkeys((20, 21, 22), (0, 0))
+    for n, st in statuses(u, survivors).items():
+        assert st["in_sync"] == REGIONS - 3 and st["members"] == [1, 2], f"node {n}: {st}"
+    # kmirrord on node 1 recovers them one at a time, as handed out.
+    recovered = []
+    while True:
+        i, r = drivers[1].resync_work()
+        if not i:
+            break
+        assert drivers[2].resync_work() == (0, 0), "two recoveries at once"
+        ok(drivers[1].set_region_sync(r, True))
+        recovered.append(r)
+        if r != 22:  # node 2 still writes region 22
+            clear_flush(drivers[1], [r])
+    assert sorted(recovered) == [20, 21, 22]
+    wait_until(lambda: agree(survivors, [20, 21, 22]) == {20: (1, 1), 21: (1, 1), 22: (0, 1)},
+               5.0, "20, 21 clean and 22 (held by node 2) dirty")  # fmt: skip
+    assert all(d.sync_count() == REGIONS for d in survivors.values())
+
+    # Restart the crashed daemon on its run dir; the kernel reconnects (CTR + NUL, RESUME).
+    u[3].start()
+    d3 = u[3].driver(UUID)
+    reply = d3.ctr(NOSYNC, reconnect=True)
+    assert reply.error == 0, reply
+    ok(d3.call(T.RESUME))
+    drivers[3] = d3
+    wait_until(lambda: agree(drivers, [20, 21, 22]) == {20: (1, 1), 21: (1, 1), 22: (0, 1)},
+               5.0, "the restarted node to hold the group's state")  # fmt: skip
+    assert d3.sync_count() == REGIONS
+    for n, st in statuses(u, [1, 2, 3]).items():
+        assert st["members"] == [1, 2, 3] and st["marked"] == 1, f"node {n}: {st}"
+    mark_flush(d3, [23])
+    wait_until(lambda: agree(drivers, [23]) == {23: (0, 1)}, 5.0, "its new mark everywhere")
+
+
+# ------------------------------------------------------------------------------------ 4
+
+
+def _held_request(d: LogDriver, rtype: int, data: bytes, out: dict, timeout: float) -> None:
+    start = time.monotonic()
+    try:
+        out["reply"] = d.link.request(d.datagram(rtype, data), timeout)  # type: ignore[call-arg]
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = exc
+    out["seconds"] = time.monotonic() - start
+
+
+def test_corosync_killed_node_recovered_and_rejoins_after_revive(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    c = u.corosync
+    u.start()
+    drivers = create(u, [1, 2, 3])
+    mark_flush(drivers[3], [30, 31])
+    mark_flush(drivers[1], [32])
+    survivors = {n: drivers[n] for n in (1, 2)}
+    c.kill(3)
+    wait_until(lambda: agree(survivors, [30, 31, 32]) == {30: (0, 0), 31: (0, 0), 32: (0, 1)},
+               FAILOVER_BOUND + 2, "NODEDOWN: node 3's regions out of sync")  # fmt: skip
+    for n, st in statuses(u, survivors).items():
+        assert st["members"] == [1, 2] and st["in_sync"] == REGIONS - 2, f"node {n}: {st}"
+    # ulogd 3 survives its corosync and holds the log's requests.
+    time.sleep(0.5)
+    assert u[3].running, u[3].log_tail()
+    held: dict = {}
+    probe = threading.Thread(
+        target=_held_request,
+        args=(u[3].driver(UUID), T.FLUSH, b"", held, 30.0),
+    )
+    probe.start()
+    time.sleep(1.5)
+    assert "reply" not in held and "error" not in held, f"answered while orphaned: {held}"
+    assert u[3].running
+    st3 = u[3].status()  # the control socket still answers
+    assert st3["logs"][0]["queued"] >= 1, st3
+    # The survivors recover node 3's regions.
+    assert drivers[1].resync_all() == 2
+    c.revive(3)
+    probe.join(timeout=20)
+    assert held.get("reply") is not None, f"the held FLUSH was not answered after revive: {held}"
+    drivers[3] = u[3].driver(UUID)
+    want = {30: (1, 1), 31: (1, 1), 32: (0, 1)}
+    wait_until(lambda: agree(drivers, [30, 31, 32]) == want, 10.0,
+               "the revived node to receive the group's state")  # fmt: skip
+    for n, st in statuses(u, [1, 2, 3]).items():
+        assert st["members"] == [1, 2, 3] and st["in_sync"] == REGIONS, f"node {n}: {st}"
+    mark_flush(drivers[3], [33])
+    wait_until(lambda: agree(drivers, [33]) == {33: (0, 1)}, 5.0, "its new mark everywhere")
+
+
+# ------------------------------------------------------------------------------------ 5
+
+
+def _partitioned(u: UlogdCluster) -> dict[int, LogDriver]:
+    """Start everything, mark 40 (node 3) and 41 (node 1), cut node 3 off; drivers."""
+    c = u.corosync
+    u.start()
+    drivers = create(u, [1, 2, 3])
+    mark_flush(drivers[3], [40])
+    mark_flush(drivers[1], [41])
+    c.partition(3)  # type: ignore[attr-defined]
+    wait_until(lambda: u[3].log_status(UUID)["members"] == [3], FAILOVER_BOUND + 3,
+               "node 3 alone in its group")  # fmt: skip
+    wait_until(lambda: all(u[n].log_status(UUID)["members"] == [1, 2] for n in (1, 2)),
+               FAILOVER_BOUND + 3, "nodes 1 and 2 without node 3")  # fmt: skip
+    wait_until(lambda: u[3].log_status(UUID)["cluster"]["quorate"] is False, 5.0,
+               "node 3 to lose quorum")  # fmt: skip
+    return drivers
+
+
+def test_partitioned_node_without_quorum_never_makes_a_region_clean(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    drivers = _partitioned(u)
+    d3 = drivers[3]
+    # The majority side: node 3's region is out of sync, node 1's still held.
+    assert agree({n: drivers[n] for n in (1, 2)}, [40, 41]) == {40: (0, 0), 41: (0, 1)}
+    # The isolated node: it must not make its own region clean without quorum.
+    clear_flush(d3, [40])
+    mark_flush(d3, [42])
+    clear_flush(d3, [42])
+    view = regions_view(d3, [40, 41, 42])
+    assert view[40][0] == 0 and view[42][0] == 0, (
+        f"node 3 made regions clean without quorum: {view}"
+    )
+
+
+def test_partition_heal_converges_without_losing_a_dirty_region(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    c = u.corosync
+    drivers = _partitioned(u)
+    # Each side works on: node 3 marks 43, the majority marks 44 and clears 41.
+    mark_flush(drivers[3], [43])
+    mark_flush(drivers[2], [44])
+    clear_flush(drivers[1], [41])
+    dirty_somewhere = {40, 41, 43, 44}  # 41 lost sync on node 3's side when node 1 vanished
+    c.heal(3)  # type: ignore[attr-defined]
+    c.wait_ready(timeout=15)
+    wait_until(lambda: all(u[n].log_status(UUID)["members"] == [1, 2, 3] for n in (1, 2, 3)),
+               FAILOVER_BOUND + 5, "one group of three again")  # fmt: skip
+
+    def converged() -> bool:
+        view = agree(drivers, range(40, 46))
+        clean = sorted(r for r in dirty_somewhere if view[r][0])
+        if clean:
+            raise ClusterTestError(f"regions clean although a side had them dirty: {clean}")
+        return True
+
+    wait_until(converged, 10.0, "the replicas to converge after the heal")
+    sts = statuses(u, [1, 2, 3])
+    assert len({(s["in_sync"], s["marked"]) for s in sts.values()}) == 1, sts
+
+
+# ------------------------------------------------------------------------------------ 6
+
+
+def test_flush_answered_within_failover_bound_after_corosync_kill(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    c = u.corosync
+    u.start()
+    drivers = create(u, [1, 2, 3])
+    mark_flush(drivers[2], [50])
+    for d in drivers.values():  # warm
+        mark_flush(d, [51])
+    c.kill(2)
+    killed = time.monotonic()
+    results: dict[int, dict] = {1: {}, 3: {}}
+    threads = [
+        threading.Thread(
+            target=_held_request,
+            args=(u[n].driver(UUID), T.FLUSH, (52).to_bytes(8, "little"), results[n], 10.0),
+        )
+        for n in (1, 3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=15)
+    for n, res in results.items():
+        assert "reply" in res, f"node {n}: {res}"
+        took = time.monotonic() - killed if "seconds" not in res else res["seconds"]
+        print(f"node {n}: FLUSH answered {took:.3f} s after the kill (bound {FAILOVER_BOUND} s)")
+        assert took <= FAILOVER_BOUND, f"node {n}: {took:.3f} s > {FAILOVER_BOUND} s"
+    survivors = {n: drivers[n] for n in (1, 3)}
+    wait_until(lambda: agree(survivors, [50, 52]) == {50: (0, 0), 52: (0, 1)}, 5.0,
+               "node 2's region out of sync, the new mark held")  # fmt: skip
