@@ -38,17 +38,13 @@ def _cluster(request: pytest.FixtureRequest, c: corosync.Cluster) -> Iterator[Ul
 
 
 @pytest.fixture
-def ulogd_three(
-    request: pytest.FixtureRequest, corosync_runtime: float
-) -> Iterator[UlogdCluster]:
+def ulogd_three(request: pytest.FixtureRequest, corosync_runtime: float) -> Iterator[UlogdCluster]:
     with _cluster(request, corosync.MultiNode(3)) as u:
         yield u
 
 
 @pytest.fixture
-def ulogd_single(
-    request: pytest.FixtureRequest, corosync_runtime: float
-) -> Iterator[UlogdCluster]:
+def ulogd_single(request: pytest.FixtureRequest, corosync_runtime: float) -> Iterator[UlogdCluster]:
     with _cluster(request, corosync.SingleNode()) as u:
         yield u
 
@@ -64,5 +60,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     tails = []
     for node in u.corosync.nodes:
         with contextlib.suppress(Exception):
-            tails.append(f"----- corosync {node.index} -----\n{u.corosync.log_tail(node.index, 20)}")
+            tail = u.corosync.log_tail(node.index, 20)
+            tails.append(f"----- corosync {node.index} -----\n{tail}")
     report.sections.append(("corosync logs", "\n".join(tails)))

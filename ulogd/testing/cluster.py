@@ -54,9 +54,7 @@ class ClusterTestError(AssertionError):
     """A daemon did not start, answer or reach a state in time."""
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll *predicate* until it returns a true value (returned); raise after *timeout* s."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -93,7 +91,9 @@ class KernelLink:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ClusterTestError(f"no reply to seq {seq} from {self.server_path} in {limit} s")
+                raise ClusterTestError(
+                    f"no reply to seq {seq} from {self.server_path} in {limit} s"
+                )
             self._sock.settimeout(left)
             try:
                 data = self._sock.recv(65536)
