@@ -89,7 +89,7 @@ import struct
 import sys
 import tempfile
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,7 @@ DISK_CONTENT = "disk-content"
 _DEFAULT_IMAGE = 1 << 20
 _BLOCK = 512
 _U32 = struct.Struct("=I")
+_U16 = struct.Struct("=H")
 _MAJMIN = re.compile(rb"^\d+:\d+$")
 
 
@@ -507,8 +508,26 @@ class _ReplayDevice:
 # ----------------------------------------------------------------------------------- engine
 @dataclass(slots=True)
 class _Pending:
+    """A recorded reply."""
+
     packet: int
-    reply: wire.Reply | None  # None: the recorded datagram does not decode as a reply
+    data: bytes
+
+
+@dataclass(slots=True, eq=False)
+class _Await:
+    """A replayed request waiting for its recorded reply (see the module docs)."""
+
+    label: str
+    packet: Packet
+    seqs: tuple[int, ...]
+    ours: list[bytes]  # the replay's reply datagrams
+    request: wire.Request | None = None
+    rejected: str | None = None
+    taint: str | None = None
+    device_path: str | None = None
+    state: str | None = None
+    done: bool = False
 
 
 class _Replayer:
@@ -528,10 +547,14 @@ class _Replayer:
         self.images: dict[str, _Image] = {}
         self.taint: dict[tuple[str, int], str] = {}
         self.seen: set[tuple[str, int]] = set()
-        self.device_numbers: dict[str, str] = {}
         self.first_ts: int | None = None
         self.server = self._new_server()
-        self._status_by_path_noted: set[tuple[str, str]] = set()
+        self._device_notes: set[str] = set()
+        # per file: requests waiting for their reply, by candidate seq
+        self._waiting: dict[int, deque[_Await]] = {}
+        # per log: waiting requests whose state after them has not been snapshotted yet
+        self._unsnapped: dict[tuple[str, int], list[_Await]] = {}
+        self._skipped_seqs: set[int] = set()
 
     def _new_server(self) -> Server:
         return Server(
@@ -550,76 +573,45 @@ class _Replayer:
     def restart(self, file_label: str) -> None:
         """The next file comes from a restarted daemon: drop the server, restore its logs."""
         self.report.restarts += 1
-        old = self.server
-        old.close()
+        self.server.close()  # as after kill -9: the state files stay
         self.server = self._new_server()
         assert self.state_dir is not None
         self.server.restore(self.state_dir.load_all())
-        for key, entry in self.server.logs.items():
-            info = self.report.logs.get(key)
-            if info is not None:
-                info.final_state = entry.log.describe()
 
-    # -- pass 1 -------------------------------------------------------------------------------
-    def index_replies(self, path: Path, label: str) -> dict[int, deque[_Pending]]:
-        replies: dict[int, deque[_Pending]] = {}
-        undecodable = 0
-        try:
-            for packet in read_capture(path):
-                if packet.direction is not Direction.FROM_DAEMON:
-                    continue
-                self.report.recorded_replies += 1
-                try:
-                    reply: wire.Reply | None = wire.decode_reply(packet.data, self.layout)
-                except ValueError:
-                    reply = None
-                    undecodable += 1
-                if reply is not None:
-                    seq = reply.seq
-                elif len(packet.data) >= 28:
-                    seq = _U32.unpack_from(packet.data, 24)[0]
-                else:
-                    continue
-                replies.setdefault(seq, deque()).append(_Pending(packet.number, reply))
-        except (CaptureFormatError, OSError):
-            pass  # reported by pass 2, which stops at the same packet
-        if undecodable:
-            self.report.notes.append(
-                f"{label}: {undecodable} recorded repl(ies) do not decode as replies "
-                f"with the {self.layout.name} layout"
-            )
-        return replies
-
-    # -- pass 2 -------------------------------------------------------------------------------
+    # -- one pass per file --------------------------------------------------------------------
     def replay_file(self, path: Path, label: str, *, last: bool) -> bool:
         """Replay one file; False when it could not be read to its end."""
-        replies = self.index_replies(path, label)
-        request_seqs: set[int] = set()
-        packets = read_capture(path)
+        ok = True
         try:
-            for packet in _counting(packets, self.report):
+            for packet in read_capture(path):
+                self.report.packets += 1
                 if self.first_ts is None:
                     self.first_ts = packet.timestamp_ns
-                if packet.direction is not Direction.TO_DAEMON:
-                    continue
-                if self._beyond(packet, last):
+                if packet.direction is Direction.FROM_DAEMON:
+                    self._recorded_reply(packet)
+                elif self._beyond(packet, last):
                     self.report.skipped["after --until"] += 1
-                    request_seqs.update(self._raw_seqs(packet.data))
-                    continue
-                self._request(packet, label, replies, request_seqs)
+                    self._skipped_seqs.update(self._raw_seqs(packet.data))
+                else:
+                    self._request(packet, label)
         except CaptureFormatError as exc:
             self.report.error = str(exc)
             self.report.error_file = label
             self.report.error_packet = exc.packet_number
-            return False
+            ok = False
         except OSError as exc:
             self.report.error = f"cannot read: {exc.strerror or exc}"
             self.report.error_file = label
-            return False
-        self.report.orphan_replies += sum(
-            len(q) for seq, q in replies.items() if seq not in request_seqs
-        )
-        return True
+            ok = False
+        # requests still waiting: the capture holds no reply for them
+        for queue in self._waiting.values():
+            for waiting in queue:
+                if not waiting.done:
+                    self._settle(waiting, None)
+        self._waiting.clear()
+        self._unsnapped.clear()
+        self._skipped_seqs.clear()
+        return ok
 
     def _beyond(self, packet: Packet, last: bool) -> bool:
         u = self.until
@@ -632,31 +624,46 @@ class _Replayer:
             return packet.timestamp_ns - self.first_ts > u.seconds * 1e9
         return u.timestamp_ns is not None and packet.timestamp_ns > u.timestamp_ns
 
-    def _request(
-        self,
-        packet: Packet,
-        label: str,
-        replies: dict[int, deque[_Pending]],
-        request_seqs: set[int],
-    ) -> None:
+    def _recorded_reply(self, packet: Packet) -> None:
+        self.report.recorded_replies += 1
+        data = packet.data
+        seq = _reply_seq(data, self.layout)
+        if seq is None:
+            self.report.orphan_replies += 1
+            return
+        queue = self._waiting.get(seq)
+        while queue:
+            waiting = queue.popleft()
+            if not waiting.done:
+                self._settle(waiting, _Pending(packet.number, data))
+                return
+        if seq not in self._skipped_seqs:
+            self.report.orphan_replies += 1
+
+    def _request(self, packet: Packet, label: str) -> None:
         data = packet.data
         if packet.truncated:
             self.report.skipped["cut short by the capture's snap length"] += 1
+            self._skipped_seqs.update(self._raw_seqs(data))
             return
         request = wire.decode(data, self.layout)
         if isinstance(request, wire.Rejected):
             seqs = self._raw_seqs(data)
-            request_seqs.update(seqs)
             if self.log_filter is not None:
                 self.report.skipped["rejected datagrams (no log, --log given)"] += 1
+                self._skipped_seqs.update(seqs)
                 return
-            self._replay_rejected(packet, label, request, replies, seqs)
+            sent = self._perform(self.server.receive(data), None)
+            self._wait(
+                _Await(label, packet, tuple(seqs), sent, rejected=request.reason),
+                None,
+            )
             return
-        request_seqs.add(request.seq)
         if self.log_filter is not None and not _uuid_matches(request.uuid, self.log_filter):
             self.report.skipped["requests of other logs (--log)"] += 1
+            self._skipped_seqs.add(request.seq)
             return
-        self._replay_request(packet, label, request, replies)
+        self._replay_request(packet, label, request)
 
     def _raw_seqs(self, data: bytes) -> list[int]:
         seqs = []
@@ -664,20 +671,80 @@ class _Replayer:
         if len(data) >= off + 4:
             seqs.append(_U32.unpack_from(data, off)[0])
         if len(data) >= 28:
-            seqs.append(_U32.unpack_from(data, 24)[0])
+            cn_seq = _U32.unpack_from(data, 24)[0]
+            if cn_seq not in seqs:
+                seqs.append(cn_seq)
         return seqs
 
-    def _take_reply(
-        self, replies: dict[int, deque[_Pending]], seqs: Sequence[int], after: int
-    ) -> _Pending | None:
-        for seq in seqs:
-            queue = replies.get(seq)
-            while queue:
-                pending = queue.popleft()
-                if pending.packet > after:
-                    return pending
-                self.report.orphan_replies += 1  # recorded before the request it would answer
-        return None
+    def _wait(self, waiting: _Await, key: tuple[str, int] | None) -> None:
+        for seq in waiting.seqs:
+            queue = self._waiting.get(seq)
+            if queue is None:
+                queue = self._waiting[seq] = deque()
+            queue.append(waiting)
+        if not waiting.seqs:
+            self._settle(waiting, None)
+        elif key is not None:
+            self._unsnapped.setdefault(key, []).append(waiting)
+
+    def _snapshot(self, key: tuple[str, int]) -> None:
+        """The log is about to change: record its state for the requests still waiting."""
+        waiting = self._unsnapped.pop(key, None)
+        if waiting and any(not w.done for w in waiting):
+            state = self._describe(key)
+            for w in waiting:
+                if not w.done:
+                    w.state = state
+
+    def _describe(self, key: tuple[str, int] | None) -> str | None:
+        if key is None:
+            return None
+        entry = self.server.logs.get(key)
+        return entry.log.describe() if entry is not None else "(no such log)"
+
+    def _settle(self, waiting: _Await, recorded: _Pending | None) -> None:
+        waiting.done = True
+        request = waiting.request
+        verdict, reason = _compare(waiting.ours, recorded, waiting.device_path, self.layout)
+        if reason.startswith("log device"):
+            if reason not in self._device_notes:
+                self._device_notes.add(reason)
+                self.report.notes.append(
+                    f"{reason} (STATUS answers compared with that number in place of the path)"
+                )
+            reason = ""
+        if verdict == MISMATCH and waiting.taint is not None:
+            verdict, reason = UNVERIFIABLE, waiting.taint
+        rtype = request.request_type if request is not None else None
+        name = p.type_name(rtype) if rtype is not None else REJECTED
+        counter = self.report.counts.get(name)
+        if counter is None:
+            counter = self.report.counts[name] = Counter()
+        counter[verdict] += 1
+        if verdict == MATCH:
+            return
+        packet = waiting.packet
+        state = waiting.state
+        if state is None and request is not None:
+            state = self._describe(request.key)
+        self.report.outcomes.append(
+            Outcome(
+                waiting.label,
+                packet.number,
+                packet.timestamp_ns,
+                name,
+                _request_text(request) if request is not None else f"rejected: {waiting.rejected}",
+                request.uuid if request is not None else None,
+                request.luid if request is not None else None,
+                request.seq if request is not None else (waiting.seqs or (None,))[0],
+                verdict,
+                _recorded_answer(recorded, self.layout),
+                _answer(waiting.ours[0], self.layout) if waiting.ours else None,
+                request_type=rtype,
+                reason=reason,
+                state=state,
+            )
+        )
 
     def _perform(self, actions: list[Action], key: tuple[str, int] | None) -> list[bytes]:
         """Run the server's actions to completion, disk I/O included; return the replies."""
@@ -720,101 +787,50 @@ class _Replayer:
         entry = self.server.logs.get(key) if key is not None else None
         return entry is None or entry.log.config.sync is ctr.SyncMode.DEFAULT
 
-    def _replay_rejected(
-        self,
-        packet: Packet,
-        label: str,
-        rejected: wire.Rejected,
-        replies: dict[int, deque[_Pending]],
-        seqs: list[int],
-    ) -> None:
-        sent = self._perform(self.server.receive(packet.data), None)
-        recorded = self._take_reply(replies, seqs, packet.number)
-        ours = _answers(sent, self.layout)
-        verdict, reason = _compare(ours, recorded, None)
-        self._record(
-            REJECTED,
-            verdict,
-            lambda: Outcome(
-                label,
-                packet.number,
-                packet.timestamp_ns,
-                REJECTED,
-                f"rejected: {rejected.reason}",
-                None,
-                None,
-                seqs[0] if seqs else None,
-                verdict,
-                _recorded_answer(recorded),
-                ours[0] if ours else None,
-                reason=reason,
-            ),
-        )
-
-    def _replay_request(
-        self,
-        packet: Packet,
-        label: str,
-        request: wire.Request,
-        replies: dict[int, deque[_Pending]],
-    ) -> None:
+    def _replay_request(self, packet: Packet, label: str, request: wire.Request) -> None:
         key = request.key
         rtype = request.request_type
         server = self.server
         known = key in server.logs
+        if key in self._unsnapped:
+            self._snapshot(key)
         if not known:
             self._first_sight(packet, label, request)
         if rtype == T.CTR:
             self._size_image(request)
         sent = self._perform(server.handle(request), key)
         entry = server.logs.get(key)
+        if rtype == T.CTR or rtype == T.DTR:
+            self._life_cycle(key, rtype, known, entry)
+        self._wait(
+            _Await(
+                label,
+                packet,
+                (request.seq,),
+                sent,
+                request=request,
+                taint=self.taint.get(key),
+                device_path=entry.log.config.log_device if entry is not None else None,
+            ),
+            key,
+        )
+
+    def _life_cycle(self, key: tuple[str, int], rtype: int, known: bool, entry: Any) -> None:
+        """Bookkeeping after a CTR or DTR (kept off the path of the other requests)."""
         info = self.report.logs.get(key)
-        if entry is not None and info is not None:
+        if info is None:
+            return
+        if entry is not None:
             info.type_word = entry.log.config.type_word
+            info.removed = False
             if rtype == T.CTR and not known and key not in self.taint:
                 inherited = self._inherited_taint(key, entry.predecessor)
                 if inherited is not None:
                     self.taint[key] = inherited
-            info.final_state = entry.log.describe()
-            info.removed = False
-        elif info is not None and rtype == T.DTR and known:
+        elif rtype == T.DTR and known:
             info.removed = True
-            info.final_state = None
-        if info is not None and key in self.taint:
+        if key in self.taint:
             info.taint = self.taint[key]
-        recorded = self._take_reply(replies, (request.seq,), packet.number)
-        ours = _answers(sent, self.layout)
-        verdict, reason = _compare(ours, recorded, entry)
-        if reason.startswith("log device"):
-            note_key = (reason, "")
-            if note_key not in self._status_by_path_noted:
-                self._status_by_path_noted.add(note_key)
-                self.report.notes.append(
-                    f"{reason} (STATUS answers compared with that number in place of the path)"
-                )
-            reason = ""
-        if verdict == MISMATCH and key in self.taint:
-            verdict, reason = UNVERIFIABLE, self.taint[key]
-        self._record(
-            p.type_name(rtype),
-            verdict,
-            lambda: Outcome(
-                label,
-                packet.number,
-                packet.timestamp_ns,
-                p.type_name(rtype),
-                _request_text(request),
-                request.uuid,
-                request.luid,
-                request.seq,
-                verdict,
-                _recorded_answer(recorded),
-                ours[0] if ours else None,
-                request_type=rtype,
-                reason=reason,
-                state=entry.log.describe() if entry is not None else "(no such log)",
-            ),
-        )
 
     def _inherited_taint(
         self, key: tuple[str, int], predecessor: tuple[str, int] | None
@@ -867,16 +883,9 @@ class _Replayer:
             image = self.images[config.log_device] = _Image(config.log_device)
         image.ensure(disklog.io_size(config.region_count, _BLOCK))
 
-    def _record(self, type_name: str, verdict: str, outcome: Any) -> None:
-        counter = self.report.counts.get(type_name)
-        if counter is None:
-            counter = self.report.counts[type_name] = Counter()
-        counter[verdict] += 1
-        if verdict != MATCH:
-            self.report.outcomes.append(outcome())
-
     def finish(self) -> None:
         for key, info in self.report.logs.items():
+            info.taint = self.taint.get(key, info.taint)
             entry = self.server.logs.get(key)
             if entry is not None:
                 info.final_state = entry.log.describe()
@@ -891,35 +900,34 @@ class _Replayer:
         self.server.close()
 
 
-def _counting(packets: Iterator[Packet], report: Report) -> Iterator[Packet]:
-    for packet in packets:
-        report.packets += 1
-        yield packet
-
-
 def _uuid_matches(uuid: str, wanted: str) -> bool:
     return uuid == wanted or (len(wanted) >= 4 and uuid.endswith(wanted))
 
 
-def _answers(sent: list[bytes], layout: wire.Layout) -> list[Answer]:
-    answers = []
-    for datagram in sent:
-        try:
-            answers.append(Answer.of(wire.decode_reply(datagram, layout)))
-        except ValueError:
-            answers.append(Answer(0, datagram, False))
-    return answers
-
-
-def _recorded_answer(recorded: _Pending | None) -> Answer | None:
-    if recorded is None:
+def _reply_seq(data: bytes, layout: wire.Layout) -> int | None:
+    """The number a reply answers, read as the kernel reads it (see ``decode_reply``)."""
+    if len(data) < layout.prefix_size:
         return None
-    if recorded.reply is None:
-        return Answer(0, b"<undecodable reply>", False, recorded.packet)
-    return Answer.of(recorded.reply, recorded.packet)
+    offset = layout.offsets["seq"]
+    if _U16.unpack_from(data, 32)[0] == 0 or len(data) < offset + 4:
+        return _U32.unpack_from(data, 24)[0]  # header-only form: cn_msg.seq
+    return _U32.unpack_from(data, offset)[0]
 
 
-def _compare(ours: list[Answer], recorded: _Pending | None, entry: Any) -> tuple[str, str]:
+def _answer(datagram: bytes, layout: wire.Layout, packet: int | None = None) -> Answer:
+    try:
+        return Answer.of(wire.decode_reply(datagram, layout), packet)
+    except ValueError as exc:
+        return Answer(0, f"<undecodable reply: {exc}>".encode(), False, packet)
+
+
+def _recorded_answer(recorded: _Pending | None, layout: wire.Layout) -> Answer | None:
+    return None if recorded is None else _answer(recorded.data, layout, recorded.packet)
+
+
+def _compare(
+    ours: list[bytes], recorded: _Pending | None, device_path: str | None, layout: wire.Layout
+) -> tuple[str, str]:
     """(verdict, reason) for one request, before taints are applied."""
     if len(ours) > 1:
         return MISMATCH, f"the replay sent {len(ours)} replies"
@@ -927,23 +935,23 @@ def _compare(ours: list[Answer], recorded: _Pending | None, entry: Any) -> tuple
         return (MATCH, "") if not ours else (UNANSWERED, "")
     if not ours:
         return MISMATCH, "the replay sent no reply"
-    theirs = _recorded_answer(recorded)
-    assert theirs is not None
-    mine = ours[0]
+    if ours[0] == recorded.data:
+        return MATCH, ""  # byte-identical datagrams: the common case, no decoding needed
+    mine = _answer(ours[0], layout)
+    theirs = _answer(recorded.data, layout)
     if mine.same(theirs):
         return MATCH, ""
-    mapped = _device_number_equivalent(mine, theirs, entry)
+    mapped = _device_number_equivalent(mine, theirs, device_path)
     if mapped is not None:
         return MATCH, mapped
     return MISMATCH, ""
 
 
-def _device_number_equivalent(mine: Answer, theirs: Answer, entry: Any) -> str | None:
+def _device_number_equivalent(mine: Answer, theirs: Answer, path: str | None) -> str | None:
     """The STATUS exception: our path where the daemon reported the device number."""
-    if entry is None or mine.error != theirs.error or mine.ack_only or theirs.ack_only:
-        return None
-    path = entry.log.config.log_device
     if not path or not path.startswith("/"):
+        return None
+    if mine.error != theirs.error or mine.ack_only or theirs.ack_only:
         return None
     a, b = mine.data.split(b" "), theirs.data.split(b" ")
     if len(a) != len(b):
