@@ -370,11 +370,12 @@ class Handle:
         return self.flush_outbound()
 
     def send_many(self, messages: Iterable[bytes]) -> bool:
-        """Queue several single-part messages, then flush once."""
+        """Queue several single-part messages (none if any is too large), then flush once."""
         self._handle()
-        for data in messages:
-            message = (data,)
+        batch = [(data,) for data in messages]
+        for message in batch:  # all or nothing: refuse before queueing any
             self._check_size(message)
+        for message in batch:
             self._outbound.push(message)
         return self.flush_outbound()
 

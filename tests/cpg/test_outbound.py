@@ -155,6 +155,14 @@ def test_handle_refuses_messages_above_the_atomic_size(fake: Any) -> None:
     assert lib.sent == [b"x" * 1000]
 
 
+def test_send_many_refuses_the_whole_batch_if_one_is_too_large(fake: Any) -> None:
+    h, lib, _ = fake
+    with pytest.raises(cpg.MessageTooLarge):
+        h.send_many([b"ok", b"x" * 1001, b"ok too"])
+    assert h.pending == 0 and lib.sent == []
+    assert h.send_many([b"a", b"b"]) is True and lib.sent == [b"a", b"b"]
+
+
 def test_handle_mcast_raises_try_again_without_queueing(fake: Any) -> None:
     h, lib, _ = fake
     lib.mcast_rc = [TRY_AGAIN]

@@ -630,18 +630,24 @@ class MultiNode(Cluster):
 class MemberClient:
     """Drives one ``python -m cpg.member`` process (see :mod:`cpg.member`) inside a node.
 
-    Commands go to its stdin; a reader thread collects its JSON events in :attr:`events`.
+    Commands go to its stdin; a reader thread collects its JSON events in :attr:`events`;
+    its stderr goes to :attr:`stderr_path` in the cluster's directory.
     """
+
+    _count = 0
 
     def __init__(self, cluster: Cluster, n: int, ready_timeout: float = 10.0) -> None:
         self.cluster = cluster
         self.n = n
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        self.proc = cluster.spawn_python(
-            n, ["-m", "cpg.member"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
+        MemberClient._count += 1
+        self.stderr_path = cluster.base / f"member-n{n}-{MemberClient._count}.stderr"
+        with open(self.stderr_path, "w") as err:  # a file: a full pipe would block the member
+            self.proc = cluster.spawn_python(
+                n, ["-m", "cpg.member"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=err, text=True, bufsize=1,
+            )  # fmt: skip
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         ready = self.wait_for("ready", timeout=ready_timeout)
@@ -669,6 +675,12 @@ class MemberClient:
     def ident(self) -> tuple[int, int]:
         return (self.nodeid, self.pid)
 
+    def stderr_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
@@ -694,8 +706,9 @@ class MemberClient:
                     if event["ev"] == ev and (pred is None or pred(event)):
                         return event
                     if event["ev"] == "eof" and ev != "eof":
-                        err = self.proc.stderr.read() if self.proc.stderr else ""
-                        raise CorosyncError(f"member {self.n} exited waiting for {ev}: {err}")
+                        raise CorosyncError(
+                            f"member {self.n} exited waiting for {ev}: {self.stderr_tail()}"
+                        )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CorosyncError(
