@@ -395,7 +395,14 @@ class Group:
         # Nobody older holds state: this member's replica is the truth.
         self.phase = Phase.VALID
         self.valid = {self.me}
+        # Joined_at is the index of each member's join in this member's own numbering (0 for
+        # its cohort, the queued change's index for later ones), which now becomes absolute.
         self.joiners = {mm: 0 for mm in self.members if mm != self.me}
+        for idx, (kind, *rest) in self._queue:  # type: ignore[misc]
+            if kind == "confchg":
+                for mm in rest[2]:
+                    if mm in self.joiners:
+                        self.joiners[mm] = idx
         self.sender = None
         queued, self._queue = self._queue, []
         actions: list[Action] = [Ready(master=True)]
