@@ -1,19 +1,42 @@
 """A deterministic in-process process group with virtual synchrony — a *test aid only*.
 
 The product always runs on corosync.  This model lets property tests explore interleavings
-that are hard to force on a real ring: it keeps one total order of events, delivers every
-message to every member of the configuration it was sent in (a member's messages are
-delivered before the change that reports its departure), and reports configuration changes
-in the same position to every member, as CPG does.
+that are hard to force on a real ring.  One :class:`VirtualGroup` is one connected component
+of a CPG group: it keeps one total order of events (messages *and* configuration changes),
+delivers every event to every member of the configuration it is ordered in, and reports
+configuration changes in the same position to every member, as CPG does.  What the model
+lets a test choose, all from a seeded :class:`random.Random` so a schedule replays exactly:
+
+* **Where a change is ordered.**  :meth:`VirtualGroup.change` (several joins and leaves in
+  one configuration change) puts the change at the end of the queue, or anywhere after the
+  last queued change (``at``): messages multicast earlier but ordered later are delivered
+  after it — to joiners too, as corosync does.
+* **Graceful leave** (:meth:`leave`): everything the leaver multicast is delivered first.
+* **Crash** (:meth:`crash`): the change is ordered at a chosen point; the crashed member's
+  messages ordered before it are delivered, those after it were never sent (lost with the
+  process); its pending disk writes never complete.
+* **Partition** (:meth:`partition`) splits off a second, independent :class:`VirtualGroup`;
+  each side sees the other side leave.  Messages still queued at the split are delivered up
+  to a chosen cut to everybody; after the cut each side delivers only its own side's
+  messages (virtual synchrony: members that move together deliver the same set).
+  **Merge** (:meth:`merge`) drains both sides and reports, NODEUP style, the other side's
+  members as joined — on each side a *different* change, as corosync does.
+* **Disk writes** of a disk server complete at a random later step, and fail with
+  probability ``fail_writes``.
 
 :class:`SimNode` drives one :class:`~ulogd.cluster.group.Group` per node the way the daemon
-does (multicast, answers, disk server writes), and records every kernel answer.
+does (multicast, answers, disk server writes, leaving), and records every kernel answer
+(``answer_counts`` catches a request answered twice).  ``on_event`` (if set) is called after
+every delivered event with the group and the event, so tests check invariants after every
+delivery.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ulogd import ctr, wire
@@ -23,6 +46,8 @@ from ulogd.regionlog import RegionLog, new_bitmaps
 
 _pids = itertools.count(1000)
 
+MemberId = tuple[int, int]
+
 
 @dataclass
 class SimNode:
@@ -30,15 +55,20 @@ class SimNode:
     ctr_text: str
     pid: int = field(default_factory=lambda: next(_pids))
     answers: dict[int, wire.Reply] = field(default_factory=dict)
+    answer_counts: Counter[int] = field(default_factory=Counter)
     asked: set[int] = field(default_factory=set)
+    requests: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # seq -> (type, data)
     group: g.Group | None = None
     ready: bool = False
+    master: bool | None = None
     left_ok: bool = False
     writes: int = 0
     log: RegionLog | None = None
+    chunk_size: int = 64
+    recover: list[list[int]] = field(default_factory=list)  # Recover actions (lost regions)
 
     @property
-    def member(self) -> tuple[int, int]:
+    def member(self) -> MemberId:
         return (self.nodeid, self.pid)
 
     def fresh_group(self) -> g.Group:
@@ -47,111 +77,326 @@ class SimNode:
         self.log = RegionLog(config, clean, sync, local_node=self.nodeid, device_id="7:0")
         self.log.disk_loaded = True
         self.log.resumed = True
-        self.group = g.Group(self.log, self.member, chunk_size=64)
+        self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size)
         self.ready = False
+        self.master = None
+        self.left_ok = False
         return self.group
+
+    def restart(self) -> None:
+        """A new process on the same node (new pid), e.g. after a crash; join it again."""
+        self.pid = next(_pids)
+        self.group = None
+        self.log = None
+
+
+@dataclass(frozen=True)
+class Msg:
+    sender: SimNode
+    data: bytes
+    quorate: bool = True  # the sender's quorum state when it multicast the message
+
+
+@dataclass(frozen=True)
+class Conf:
+    members: tuple[SimNode, ...]  # the view after the change
+    left: tuple[SimNode, ...]
+    joined: tuple[SimNode, ...]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A NODEUP merge: ``sides`` are the member lists of the components merged."""
+
+    sides: tuple[tuple[SimNode, ...], ...]
+
+
+Event = Msg | Conf | Merge
 
 
 class VirtualGroup:
-    """One group's total order."""
+    """One connected component's total order (see the module docstring)."""
 
-    def __init__(self, seed: int = 0, disk_delay: bool = True) -> None:
-        self.members: list[SimNode] = []
-        self.queue: list[tuple[str, object]] = []  # pending events in total order
-        self.rng = random.Random(seed)
+    def __init__(
+        self, seed: int = 0, disk_delay: bool = True, fail_writes: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:  # fmt: skip
+        self.view: list[SimNode] = []  # members at the delivery point
+        self.members: list[SimNode] = []  # members once every queued change is delivered
+        self.queue: list[Event] = []  # ordered, not yet delivered
+        self.rng = rng if rng is not None else random.Random(seed)
         self.disk_delay = disk_delay
+        self.fail_writes = fail_writes
         self.pending_writes: list[tuple[SimNode, int]] = []
         self.seq = itertools.count(1)
         self.delivered = 0
+        self.on_event: Callable[[VirtualGroup, Event], None] | None = None
+        self.crashed: list[SimNode] = []
 
     # -- membership ------------------------------------------------------------------
-    def join(self, node: SimNode) -> None:
-        node.fresh_group()
-        self._flush_pending_of(None)
-        self.members.append(node)
-        self._confchg(left=[], joined=[node])
+    def _last_conf(self) -> int:
+        return max((i + 1 for i, e in enumerate(self.queue) if not isinstance(e, Msg)), default=0)
+
+    def change(
+        self,
+        joined: Iterable[SimNode] = (),
+        left: Iterable[SimNode] = (),
+        *,
+        at: int | None = None,
+        drop_after: Iterable[SimNode] = (),
+    ) -> None:
+        """One configuration change; ``at`` orders it before queued messages (clamped to after
+        the last queued change); messages of ``drop_after`` members ordered after it are lost."""
+        joined_t, left_t = tuple(joined), tuple(left)
+        for n in joined_t:
+            assert n not in self.members, f"node {n.nodeid} is already a member"
+            n.fresh_group()
+        for n in left_t:
+            assert n in self.members, f"node {n.nodeid} is not a member"
+        lo = self._last_conf()
+        pos = len(self.queue) if at is None else min(max(at, lo), len(self.queue))
+        gone = set(map(id, drop_after))
+        if gone:
+            self.queue[pos:] = [
+                e for e in self.queue[pos:] if not (isinstance(e, Msg) and id(e.sender) in gone)
+            ]
+        self.members = [n for n in self.members if n not in left_t] + list(joined_t)
+        self.queue.insert(pos, Conf(tuple(self.members), left_t, joined_t))
+
+    def join(self, node: SimNode, *, at: int | None = None) -> None:
+        self.change(joined=[node], at=at)
 
     def leave(self, node: SimNode) -> None:
-        """A departure (crash or leave): its queued messages are delivered first."""
-        self._drain_from(node)
-        self.members.remove(node)
-        self._confchg(left=[node], joined=[])
-        node.group = None
+        """A departure with every message it multicast delivered first (graceful leave, or a
+        crash after corosync got everything)."""
+        self.change(left=[node])
+        self.run_events()
 
-    def _confchg(self, left: list[SimNode], joined: list[SimNode]) -> None:
-        members = [n.member for n in self.members]
-        for n in list(self.members):
-            assert n.group is not None
-            self._act(n, n.group.confchg(members, [x.member for x in left],
-                                         [x.member for x in joined]))  # fmt: skip
+    def crash(self, *nodes: SimNode, at: int | None = None) -> None:
+        """The processes die (several in one change): the change is ordered at ``at`` (random
+        when None); their messages ordered later are lost; they process nothing from now on."""
+        if at is None:
+            at = self.rng.randint(self._last_conf(), len(self.queue))
+        self.change(left=nodes, at=at, drop_after=nodes)
+        for node in nodes:
+            node.group = None  # a dead process acts no more
+            self.crashed.append(node)
+        self.pending_writes = [(n, i) for n, i in self.pending_writes if n not in nodes]
 
-    def _flush_pending_of(self, node: SimNode | None) -> None:
-        while self.queue:
-            self.step()
+    def partition(self, side: Iterable[SimNode], *, cut: int | None = None) -> VirtualGroup:
+        """Split ``side`` off into a new component (same rng, seq counter and hook)."""
+        other = list(side)
+        self.run_confs()
+        cut = self.rng.randint(0, len(self.queue)) if cut is None else min(cut, len(self.queue))
+        for _ in range(cut):
+            self._deliver_one()
+        rest, self.queue = self.queue, []
+        mine = [n for n in self.members if n not in other]
+        new = VirtualGroup(disk_delay=self.disk_delay, fail_writes=self.fail_writes, rng=self.rng)
+        new.seq = self.seq
+        new.on_event = self.on_event
+        new.crashed = self.crashed
+        ids = set(map(id, other))
+        new.queue = [e for e in rest if isinstance(e, Msg) and id(e.sender) in ids]
+        self.queue = [e for e in rest if isinstance(e, Msg) and id(e.sender) not in ids]
+        new.view = [n for n in self.view if id(n) in ids]
+        new.members = list(new.view)
+        self.view = [n for n in self.view if id(n) not in ids]
+        self.members = mine
+        new.pending_writes = [(n, i) for n, i in self.pending_writes if id(n) in ids]
+        self.pending_writes = [(n, i) for n, i in self.pending_writes if id(n) not in ids]
+        # Each side: the other side left (NODEDOWN), after its own side's old messages.
+        self.queue.append(Conf(tuple(self.members), tuple(new.members), ()))
+        new.queue.append(Conf(tuple(new.members), tuple(self.members), ()))
+        return new
 
-    def _drain_from(self, node: SimNode) -> None:
-        while any(sender is node for kind, (sender, _) in self.queue if kind == "msg"):  # type: ignore[misc]
-            self.step()
+    def merge(self, other: VirtualGroup) -> None:
+        """Merge ``other`` into this component (NODEUP on both sides)."""
+        self.run_events()
+        other.run_events()
+        self.pending_writes += other.pending_writes
+        other.pending_writes = []
+        sides = (tuple(self.members), tuple(other.members))
+        self.members = self.members + other.members
+        self.queue.append(Merge(sides))
+        other.members, other.view = [], []
 
-    # -- messages --------------------------------------------------------------------
+    # -- delivery --------------------------------------------------------------------
+    def _deliver_one(self) -> None:
+        event = self.queue.pop(0)
+        self.delivered += 1
+        if isinstance(event, Msg):
+            for n in list(self.view):
+                if n.group is not None:
+                    self._act(n, n.group.deliver(event.sender.member, event.data))
+        elif isinstance(event, Conf):
+            self.view = list(event.members)
+            ms = [n.member for n in event.members]
+            left = [n.member for n in event.left]
+            joined = [n.member for n in event.joined]
+            for n in list(self.view):
+                if n.group is not None:
+                    self._act(n, n.group.confchg(ms, left, joined))
+        else:
+            everyone = [n for side in event.sides for n in side]
+            self.view = everyone
+            ms = [n.member for n in everyone]
+            for side in event.sides:
+                others = [n.member for n in everyone if n not in side]
+                for n in side:
+                    if n.group is not None:
+                        self._act(n, n.group.confchg(ms, [], others, nodeup=others))
+        if self.on_event is not None:
+            self.on_event(self, event)
+
+    def deliver_one(self) -> bool:
+        """Deliver the next queued event; False when the queue is empty."""
+        if not self.queue:
+            return False
+        self._deliver_one()
+        return True
+
+    def complete_write(self, i: int = 0, ok: bool = True) -> bool:
+        """Complete the ``i``-th pending disk write (modulo their number)."""
+        if not self.pending_writes:
+            return False
+        node, index = self.pending_writes.pop(i % len(self.pending_writes))
+        if node in self.view and node.group is not None and node.group.phase is g.Phase.VALID:
+            self._act(node, node.group.disk_written(index, ok))
+        return True
+
+    def _complete_write(self) -> None:
+        i = self.rng.randrange(len(self.pending_writes)) if self.disk_delay else 0
+        ok = not (self.fail_writes and self.rng.random() < self.fail_writes)
+        self.complete_write(i, ok)
+
     def step(self) -> bool:
+        """Deliver one event or complete one disk write; False when there is nothing to do."""
         if self.pending_writes and (not self.queue or self.rng.random() < 0.5):
-            node, index = self.pending_writes.pop(0)
-            if node in self.members and node.group is not None:
-                self._act(node, node.group.disk_written(index, True))
+            self._complete_write()
             return True
         if not self.queue:
             return False
-        _kind, (sender, data) = self.queue.pop(0)  # type: ignore[misc]
-        self.delivered += 1
-        for n in list(self.members):
-            assert n.group is not None
-            self._act(n, n.group.deliver(sender.member, data))  # type: ignore[union-attr]
+        self._deliver_one()
         return True
 
     def run(self) -> None:
         while self.step():
             pass
 
+    def run_events(self) -> None:
+        """Deliver every queued event (disk writes may stay pending)."""
+        while self.queue:
+            self._deliver_one()
+
+    def run_confs(self) -> None:
+        """Deliver up to and including the last queued configuration change."""
+        for _ in range(self._last_conf()):
+            self._deliver_one()
+
     def _act(self, node: SimNode, actions: list[g.Action]) -> None:
         for a in actions:
             if isinstance(a, g.Multicast):
-                self.queue.append(("msg", (node, a.data)))
+                quorate = node.group.quorate if node.group is not None else True
+                self.queue.append(Msg(node, a.data, quorate))
             elif isinstance(a, g.Answer):
-                node.answers[a.request.seq] = wire.Reply(a.request.seq, a.error, a.payload)
+                seq = a.request.seq
+                node.answers[seq] = wire.Reply(seq, a.error, a.payload)
+                node.answer_counts[seq] += 1
             elif isinstance(a, g.WriteDisk):
                 node.writes += 1
                 self.pending_writes.append((node, a.index))
             elif isinstance(a, g.Ready):
                 node.ready = True
+                node.master = a.master
+            elif isinstance(a, g.Recover):
+                node.recover.append(list(a.regions))
             elif isinstance(a, g.LeaveNow):
                 node.left_ok = True
+                seq = a.request.seq
+                node.answers[seq] = wire.Reply(seq, 0, b"")
+                node.answer_counts[seq] += 1
 
     # -- kernel side -----------------------------------------------------------------
-    def request(self, node: SimNode, rtype: int, data: bytes = b"") -> int:
+    def make_request(self, node: SimNode, rtype: int, data: bytes = b"") -> wire.Request:
         seq = next(self.seq)
         req = wire.decode(wire.encode_request(rtype, uuid="LVM-sim", luid=1, seq=seq, data=data))
         assert isinstance(req, wire.Request)
-        assert node.group is not None
         node.asked.add(seq)
+        node.requests[seq] = (rtype, data)
+        return req
+
+    def request(self, node: SimNode, rtype: int, data: bytes = b"") -> int:
+        """A kernel request routed through the group; returns its seq."""
+        assert node.group is not None
+        req = self.make_request(node, rtype, data)
         self._act(node, node.group.submit(req))
-        return seq
+        return req.seq
+
+    def postsuspend(self, node: SimNode) -> int:
+        """POSTSUSPEND: the node leaves once its own messages are delivered (see
+        :meth:`leave_if_done`)."""
+        assert node.group is not None
+        req = self.make_request(node, T.POSTSUSPEND)
+        self._act(node, node.group.postsuspend(req))
+        return req.seq
+
+    def leave_if_done(self) -> None:
+        """Members whose group said LeaveNow leave (the daemon calls cpg_leave)."""
+        for n in list(self.members):
+            if n.left_ok and n.group is not None and n.group.phase is g.Phase.LEFT:
+                self.change(left=[n])
+                n.left_ok = False
+
+    def set_quorate(self, node: SimNode, quorate: bool) -> None:
+        assert node.group is not None
+        self._act(node, node.group.set_quorate(quorate))
+
+
+def replica_state(n: SimNode) -> tuple[object, ...]:
+    """Everything every member holding state must agree on at the same delivery point."""
+    rl, gr = n.log, n.group
+    assert rl is not None and gr is not None
+    k = rl.region_count
+    return (
+        rl.clean[:k].to01(), rl.sync[:k].to01(), rl.sync_count,
+        {r: frozenset(h) for r, h in rl.holders.items()},
+        rl.recovering, rl.recoverer, rl.sync_search, tuple(rl.priority),
+        frozenset(rl.dirty_chunks), rl.full_write, rl.disk_failed, rl.in_sync_override,
+        frozenset(rl.members),
+        gr.index, gr.members, frozenset(gr.valid), dict(gr.joiners), gr.sender,
+        gr.ckpt_point, gr.ckpt_delivered, gr.disk_server,
+    )  # fmt: skip
+
+
+REPLICA_FIELDS = (
+    "clean", "sync", "sync_count", "holders", "recovering", "recoverer", "sync_search",
+    "priority", "dirty_chunks", "full_write", "disk_failed", "in_sync_override", "log.members",
+    "index", "members", "valid", "joiners", "sender", "ckpt_point", "ckpt_delivered",
+    "disk_server",
+)  # fmt: skip
+
+
+def replica_differences(nodes: Iterable[SimNode]) -> list[str]:
+    """Fields in which members holding state differ (empty when identical)."""
+    valid = [n for n in nodes if n.group is not None and n.group.phase is g.Phase.VALID]
+    if len(valid) < 2:
+        return []
+    first = replica_state(valid[0])
+    out = []
+    for other in valid[1:]:
+        st = replica_state(other)
+        for name, a, b in zip(REPLICA_FIELDS, first, st, strict=True):
+            if a != b:
+                out.append(f"{name}: node {valid[0].nodeid}={a!r} node {other.nodeid}={b!r}")
+    return out
 
 
 def replicas_identical(nodes: list[SimNode]) -> bool:
-    valid = [n for n in nodes if n.group is not None and n.group.phase is g.Phase.VALID]
-    if len(valid) < 2:
-        return True
-    first = valid[0].log
-    assert first is not None
-    for other in valid[1:]:
-        o = other.log
-        assert o is not None
-        if (first.clean, first.sync, first.holders, first.recovering, first.sync_search) != (
-            o.clean, o.sync, o.holders, o.recovering, o.sync_search,
-        ):  # fmt: skip
-            return False
-    return True
+    return not replica_differences(nodes)
 
 
-__all__ = ["SimNode", "T", "VirtualGroup", "replicas_identical"]
+__all__ = [
+    "Conf", "Merge", "Msg", "SimNode", "T", "VirtualGroup", "replica_differences",
+    "replica_state", "replicas_identical",
+]  # fmt: skip

@@ -1,0 +1,528 @@
+"""Property tests: random schedules over the virtual-synchrony model, invariants after every
+delivered event.
+
+A schedule is a list of small integer triples; :class:`World` interprets each triple as one
+step (a kernel request on some node, one delivery, a disk write completing or failing, joins,
+crashes, graceful leaves, quorum changes, kernel retries, partitions and merges), skipping
+steps that make no sense in the current state.  Hypothesis generates and shrinks the lists,
+so a failure is reported as a short schedule.  The kernel of each node is modelled just
+enough to drive realistic requests: it marks a region it is not writing, writes only after a
+FLUSH covering the mark returned 0, clears a region when its write is done, recovers the
+region GET_RESYNC_WORK gave it and reports it with SET_REGION_SYNC.
+
+Invariants, checked in the component where an event was delivered, right after it:
+
+* members holding state are identical (region state *and* group bookkeeping, index included);
+* ``sync_count`` is the sync popcount; clean implies in sync; a held region is not clean;
+* no region is clean while a live member holding state has a write in flight to it (its
+  kernel got FLUSH = 0 after the MARK and has not sent the CLEAR), and that member is among
+  the region's holders everywhere;
+* a sync bit goes 0 → 1 only at the delivery of a SET_REGION_SYNC(r, 1) — so a region a
+  departed member held stays out of sync until recovered; and right after a change reporting
+  a departure, every region the departed member held (and no node still present holds) is
+  out of sync;
+* a CLEAR is only ever multicast by a member that had quorum.
+
+At the end the system quiesces (quorum back, everything delivered and written) and every
+kernel request of a node that stayed (or left gracefully) has exactly one answer; every
+member holds state.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from bitarray import bitarray
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from ulogd.cluster import group as g
+from ulogd.cluster import messages as m
+from ulogd.testing.vsgroup import (
+    Conf,
+    Event,
+    Merge,
+    Msg,
+    SimNode,
+    T,
+    VirtualGroup,
+    replica_differences,
+)
+
+REGIONS = 16
+NODE_IDS = (1, 2, 3, 4, 5)
+U64 = struct.Struct("=Q")
+
+
+@dataclass
+class Kern:
+    """What one node's kernel believes (see the module docstring)."""
+
+    pending: set[int] = field(default_factory=set)  # marked, no FLUSH answered since
+    writing: set[int] = field(default_factory=set)  # FLUSH answered 0 after the mark
+    flushes: dict[int, set[int]] = field(default_factory=dict)  # FLUSH seq -> regions covered
+    recovering: int | None = None
+    outstanding: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)  # answered seqs already processed
+    leaving: bool = False
+
+
+@dataclass
+class Prev:
+    valid: bool
+    sync: bitarray
+    holders: dict[int, frozenset[int]]
+    valid_members: frozenset[tuple[int, int]]
+
+
+class Violation(AssertionError):
+    pass
+
+
+class World:
+    def __init__(self, ctr_text: str, *, partitions: bool, fail_writes: bool) -> None:
+        self.ctr_text = ctr_text
+        self.partitions = partitions
+        self.fail_writes = fail_writes
+        self.comps: list[VirtualGroup] = []
+        self.nodes: dict[int, SimNode] = {}  # nodeid -> current incarnation
+        self.kern: dict[tuple[int, int], Kern] = {}
+        self.prev: dict[tuple[int, int], Prev] = {}
+        self.graceful: list[SimNode] = []
+        self.crashed: list[SimNode] = []
+        self.events = 0
+        self.trace: list[str] = []
+
+    # -- helpers -------------------------------------------------------------------------
+    def comp_of(self, node: SimNode) -> VirtualGroup | None:
+        return next((c for c in self.comps if node in c.members), None)
+
+    def live(self) -> list[SimNode]:
+        return [n for c in self.comps for n in c.members if n.group is not None]
+
+    def usable(self) -> list[SimNode]:
+        """Nodes whose kernel may send requests: resumed (holding state), not leaving."""
+        return [
+            n for n in self.live()
+            if n.ready and n.group is not None and n.group.phase is g.Phase.VALID
+            and not self.kern[n.member].leaving
+        ]  # fmt: skip
+
+    def new_comp(self) -> VirtualGroup:
+        vg = VirtualGroup(seed=0, disk_delay=True)
+        vg.on_event = self.check
+        self.comps.append(vg)
+        return vg
+
+    # -- kernel side ---------------------------------------------------------------------
+    def submit(self, vg: VirtualGroup, node: SimNode, rtype: int, data: bytes = b"") -> int:
+        seq = vg.request(node, rtype, data)
+        k = self.kern[node.member]
+        if rtype not in (T.MARK_REGION, T.CLEAR_REGION):
+            k.outstanding[seq] = (rtype, data)
+        self.absorb(node)
+        return seq
+
+    def absorb(self, node: SimNode) -> None:
+        """The kernel reads the answers it got."""
+        k = self.kern.get(node.member)
+        if k is None:
+            return
+        for seq, reply in node.answers.items():
+            if seq in k.seen:
+                continue
+            k.seen.add(seq)
+            k.outstanding.pop(seq, None)
+            rtype, _data = node.requests[seq]
+            if rtype == T.FLUSH:
+                covered = k.flushes.pop(seq, set())
+                if reply.error == 0:
+                    k.writing |= covered
+            elif rtype == T.GET_RESYNC_WORK and reply.error == 0 and len(reply.data) == 16:
+                got, region = struct.unpack("=qQ", reply.data)
+                if got:
+                    k.recovering = region
+
+    def kernel_request(self, a: int, b: int, c: int) -> None:
+        nodes = self.usable()
+        if not nodes:
+            return
+        node = nodes[a % len(nodes)]
+        vg = self.comp_of(node)
+        assert vg is not None
+        k = self.kern[node.member]
+        kind = b % 9
+        free = [r for r in range(REGIONS) if r not in k.pending | k.writing]
+        if kind == 0 and free:  # MARK
+            r = free[c % len(free)]
+            k.pending.add(r)
+            self.submit(vg, node, T.MARK_REGION, U64.pack(r))
+        elif kind == 1 and k.writing:  # CLEAR: the write is done
+            r = sorted(k.writing)[c % len(k.writing)]
+            k.writing.discard(r)
+            self.submit(vg, node, T.CLEAR_REGION, U64.pack(r))
+        elif kind in (2, 3):  # FLUSH, with integrated marks for kind 3
+            marks = [free[c % len(free)]] if kind == 3 and free else []
+            covered = k.pending | set(marks)
+            k.pending = set()
+            data = b"".join(U64.pack(r) for r in marks)
+            self._flush(vg, node, data, covered)
+        elif kind == 4:
+            self.submit(vg, node, T.GET_RESYNC_WORK)
+        elif kind == 5:  # the kernel's recovery of the region it was given ends
+            if k.recovering is not None:
+                r, ok = k.recovering, int(c % 8 != 0)
+                k.recovering = None
+            else:
+                r, ok = c % REGIONS, c & 1
+            self.submit(vg, node, T.SET_REGION_SYNC, struct.pack("=Qq", r, ok))
+        elif kind == 6:
+            r = c % (REGIONS + 2)  # sometimes out of range: answered -EINVAL at once
+            self.submit(vg, node, T.IS_REMOTE_RECOVERING, U64.pack(r))
+        elif kind == 7 and k.outstanding:  # a kernel retry: same request, new seq
+            seq = sorted(k.outstanding)[c % len(k.outstanding)]
+            rtype, data = k.outstanding[seq]
+            if rtype == T.FLUSH:
+                self._flush(vg, node, data, set(k.flushes.get(seq, set())))
+            else:
+                self.submit(vg, node, rtype, data)
+        elif kind == 8:  # quorum change as the votequorum callback reports it
+            assert node.group is not None
+            vg.set_quorate(node, not node.group.quorate)
+
+    def _flush(self, vg: VirtualGroup, node: SimNode, data: bytes, covered: set[int]) -> int:
+        k = self.kern[node.member]
+        req = vg.make_request(node, T.FLUSH, data)
+        k.flushes[req.seq] = covered
+        k.outstanding[req.seq] = (T.FLUSH, data)
+        assert node.group is not None
+        vg._act(node, node.group.submit(req))
+        self.absorb(node)
+        return req.seq
+
+    # -- group side ----------------------------------------------------------------------
+    def deliver(self, a: int) -> None:
+        busy = [c for c in self.comps if c.queue]
+        if busy:
+            busy[a % len(busy)].deliver_one()
+        self.after_step()
+
+    def write(self, a: int, b: int) -> None:
+        busy = [c for c in self.comps if c.pending_writes]
+        if busy:
+            ok = not (self.fail_writes and b % 7 == 0)
+            busy[a % len(busy)].complete_write(b, ok)
+        self.after_step()
+
+    def after_step(self) -> None:
+        for n in self.live():
+            self.absorb(n)
+        for c in self.comps:
+            for n in list(c.members):
+                if n.left_ok and n.group is not None and n.group.phase is g.Phase.LEFT:
+                    c.leave_if_done()
+                    self.graceful.append(n)
+
+    def join(self, a: int, b: int) -> None:
+        present = {n.nodeid for n in self.live()} | {
+            n.nodeid for c in self.comps for n in c.members
+        }
+        absent = [i for i in NODE_IDS if i not in present]
+        if not absent:
+            return
+        count = 1 + (b % 3 == 0) + (b % 9 == 0)
+        who = [absent[(a + i) % len(absent)] for i in range(min(count, len(absent)))]
+        who = sorted(set(who))
+        comps = [c for c in self.comps if c.members] or [self.new_comp()]
+        vg = comps[b % len(comps)]
+        nodes = []
+        for nodeid in who:
+            node = SimNode(nodeid, self.ctr_text)
+            node.chunk_size = 24 + (a % 3) * 40  # several checkpoint chunks
+            self.nodes[nodeid] = node
+            self.kern[node.member] = Kern()
+            nodes.append(node)
+        at = None if a % 2 else b  # sometimes ordered before queued messages
+        vg.change(joined=nodes, at=at)
+        self.trace.append(f"join {who}")
+
+    def crash(self, a: int, b: int) -> None:
+        nodes = self.live()
+        if not nodes:
+            return
+        victims = [nodes[a % len(nodes)]]
+        vg = self.comp_of(victims[0])
+        assert vg is not None
+        if b % 4 == 0:  # two in one change
+            more = [n for n in vg.members if n not in victims and n.group is not None]
+            if more:
+                victims.append(more[b % len(more)])
+        vg.crash(*victims, at=b)
+        self.crashed += victims
+        for v in victims:
+            self.kern.pop(v.member, None)
+
+    def suspend(self, a: int) -> None:
+        """Graceful deactivation: the kernel finishes its writes (CLEARs), then POSTSUSPEND."""
+        nodes = self.usable()
+        if not nodes:
+            return
+        node = nodes[a % len(nodes)]
+        vg = self.comp_of(node)
+        assert vg is not None and node.group is not None
+        k = self.kern[node.member]
+        for r in sorted(k.writing):
+            self.submit(vg, node, T.CLEAR_REGION, U64.pack(r))
+        k.writing.clear()
+        k.leaving = True
+        vg.postsuspend(node)
+        self.after_step()
+
+    def partition(self, a: int, b: int) -> None:
+        if not self.partitions:
+            return
+        comps = [c for c in self.comps if len(c.members) >= 2]
+        if not comps:
+            return
+        vg = comps[a % len(comps)]
+        side = [n for i, n in enumerate(vg.members) if (b >> i) & 1]
+        if not side or len(side) == len(vg.members):
+            side = vg.members[-1:]
+        new = vg.partition(side, cut=a)
+        self.comps.append(new)
+        self.trace.append(f"partition {[n.nodeid for n in side]}")
+
+    def merge(self, a: int) -> None:
+        comps = [c for c in self.comps if c.members]
+        if len(comps) < 2:
+            return
+        x = comps[a % len(comps)]
+        y = comps[(a + 1) % len(comps)]
+        if {n.nodeid for n in x.members} & {n.nodeid for n in y.members}:
+            return  # the same node id on both sides: a restarted process; merge later
+        x.merge(y)
+        self.comps.remove(y)
+        self.trace.append("merge")
+
+    # -- invariants ----------------------------------------------------------------------
+    def check(self, vg: VirtualGroup, event: Event) -> None:
+        self.events += 1
+        holding = [
+            n for n in vg.view if n.group is not None and n.group.phase is g.Phase.VALID
+        ]
+        diffs = replica_differences(holding)
+        if diffs:
+            raise Violation(f"replicas differ after {event_name(event)}: " + "; ".join(diffs))
+        present_nodes = {n.nodeid for n in vg.view}
+        if isinstance(event, Msg) and not event.quorate:
+            msg = m.decode(event.data)
+            if isinstance(msg, m.Ops) and any(o.op is m.Op.CLEAR for o in msg.ops):
+                raise Violation(f"node {event.sender.nodeid} multicast a CLEAR without quorum")
+        raised = self._sync_set_by(event)
+        for n in holding:
+            rl = n.log
+            assert rl is not None and n.group is not None
+            k_ = rl.region_count
+            if rl.sync_count != rl.sync.count(1, 0, k_):
+                raise Violation(f"node {n.nodeid}: sync_count {rl.sync_count} != popcount")
+            if (rl.clean[:k_] & ~rl.sync[:k_]).any():
+                raise Violation(f"node {n.nodeid}: a clean region is out of sync")
+            for r in rl.holders:
+                if rl.clean[r]:
+                    raise Violation(f"node {n.nodeid}: region {r} is held and clean")
+            for w in holding:
+                kw = self.kern.get(w.member)
+                if kw is None or not w.ready:
+                    continue
+                for r in kw.writing:
+                    if rl.clean[r] or w.nodeid not in rl.holders.get(r, ()):
+                        raise Violation(
+                            f"node {n.nodeid}: region {r} clean={rl.clean[r]} holders="
+                            f"{rl.holders.get(r)} while node {w.nodeid} writes it"
+                        )
+            prev = self.prev.get(n.member)
+            if prev is not None and prev.valid:
+                up = [r for r in range(k_) if rl.sync[r] and not prev.sync[r]]
+                bad = [r for r in up if r not in raised]
+                if bad:
+                    raise Violation(
+                        f"node {n.nodeid}: regions {bad} became in sync at "
+                        f"{event_name(event)} without SET_REGION_SYNC"
+                    )
+                departed = self._departed(event, prev)
+                for d in departed:
+                    if d in present_nodes:
+                        continue
+                    for r, h in prev.holders.items():
+                        if d in h and rl.sync[r]:
+                            raise Violation(
+                                f"node {n.nodeid}: region {r} held by departed node {d} "
+                                "is still in sync"
+                            )
+        for n in vg.view:
+            if n.group is None or n.log is None:
+                continue
+            valid = n.group.phase is g.Phase.VALID
+            self.prev[n.member] = Prev(
+                valid, n.log.sync.copy(),
+                {r: frozenset(h) for r, h in n.log.holders.items()},
+                frozenset(n.group.valid),
+            )  # fmt: skip
+
+    @staticmethod
+    def _sync_set_by(event: Event) -> set[int]:
+        if not isinstance(event, Msg):
+            return set()
+        try:
+            msg = m.decode(event.data)
+        except m.MessageError:
+            return set()
+        if not isinstance(msg, m.Ops):
+            return set()
+        return {o.values[0] for o in msg.ops if o.op is m.Op.SET_SYNC and o.values[1]}
+
+    @staticmethod
+    def _departed(event: Event, prev: Prev) -> set[int]:
+        if isinstance(event, Conf):
+            return {n.nodeid for n in event.left if n.member in prev.valid_members}
+        return set()
+
+    # -- the end -------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        for n in self.live():
+            vg = self.comp_of(n)
+            assert vg is not None and n.group is not None
+            if not n.group.quorate and n.group.phase is not g.Phase.LEFT:
+                vg.set_quorate(n, True)
+        for _ in range(1000):
+            progressed = False
+            for c in self.comps:
+                while c.deliver_one() or c.complete_write(0, True):
+                    progressed = True
+                    self.after_step()
+            self.after_step()
+            if not progressed and not any(c.queue or c.pending_writes for c in self.comps):
+                break
+        for n in self.live():
+            self.absorb(n)
+
+    def check_answers(self) -> None:
+        stayed = [n for n in self.live() if n not in self.crashed]
+        for n in stayed + self.graceful:
+            assert n.group is not None
+            if n not in self.graceful:
+                assert n.group.phase is g.Phase.VALID, f"node {n.nodeid} never got state"
+            missing = sorted(n.asked - set(n.answers))
+            twice = sorted(s for s, c in n.answer_counts.items() if c > 1)
+            assert not missing, f"node {n.nodeid}: requests {missing} never answered"
+            assert not twice, f"node {n.nodeid}: requests {twice} answered twice"
+        for n in self.crashed:
+            twice = sorted(s for s, c in n.answer_counts.items() if c > 1)
+            assert not twice, f"crashed node {n.nodeid}: requests {twice} answered twice"
+
+
+def event_name(event: Event) -> str:
+    if isinstance(event, Msg):
+        try:
+            msg = m.decode(event.data)
+        except m.MessageError:
+            return f"a corrupt message from {event.sender.nodeid}"
+        return f"{type(msg).__name__} from node {event.sender.nodeid}"
+    if isinstance(event, Conf):
+        return (
+            f"change left={[n.nodeid for n in event.left]} "
+            f"joined={[n.nodeid for n in event.joined]}"
+        )
+    assert isinstance(event, Merge)
+    return f"merge {[[n.nodeid for n in s] for s in event.sides]}"
+
+
+Step = tuple[int, int, int]
+
+
+def run_schedule(
+    steps: list[Step], *, ctr_text: str, partitions: bool = False, fail_writes: bool = False,
+) -> World:  # fmt: skip
+    w = World(ctr_text, partitions=partitions, fail_writes=fail_writes)
+    w.join(0, 3)  # two nodes to start with (b % 3 == 0 -> two at once)
+    ops: list[Callable[[int, int, int], None]] = [
+        lambda a, b, c: w.kernel_request(a, b, c),
+        lambda a, b, c: w.deliver(a),
+        lambda a, b, c: w.write(a, b),
+        lambda a, b, c: w.join(a, b),
+        lambda a, b, c: w.crash(a, b),
+        lambda a, b, c: w.suspend(a),
+        lambda a, b, c: w.partition(a, b),
+        lambda a, b, c: w.merge(a),
+    ]
+    # weights: requests and deliveries dominate
+    table = [0] * 10 + [1] * 10 + [2] * 2 + [3] * 2 + [4] + [5] + [6] + [7]
+    names = ["request", "deliver", "write", "join", "crash", "suspend", "partition", "merge"]
+    for op, a, b, c in ((s[0], s[0], s[1], s[2]) for s in steps):
+        which = table[op % len(table)]
+        w.trace.append(f"{names[which]}({a // len(table)}, {b}, {c})")
+        ops[which](a // len(table), b, c)
+    w.quiesce()
+    w.check_answers()
+    return w
+
+
+STEP = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255))
+SCHEDULE = st.lists(STEP, max_size=120)
+
+CTRS = {
+    "core-nosync": f"{REGIONS * 64} clustered-core 64 nosync",
+    "core": f"{REGIONS * 64} clustered-core 64",
+    "disk-nosync": f"{REGIONS * 64} clustered-disk 7:0 64 nosync",
+}
+
+
+def _run_property(
+    name: str, examples: int, *, partitions: bool, fail_writes: bool, ctr_key: str,
+) -> tuple[int, int, float]:  # fmt: skip
+    count = [0, 0]
+
+    @settings(
+        max_examples=examples, deadline=None, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )  # fmt: skip
+    @given(SCHEDULE)
+    def prop(steps: list[Step]) -> None:
+        w = run_schedule(
+            steps, ctr_text=CTRS[ctr_key], partitions=partitions, fail_writes=fail_writes
+        )
+        count[0] += 1
+        count[1] += w.events
+
+    start = time.perf_counter()
+    prop()
+    return count[0], count[1], time.perf_counter() - start
+
+
+def _report(capsys: pytest.CaptureFixture[str], name: str, res: tuple[int, int, float]) -> None:
+    with capsys.disabled():
+        print(f"\n[{name}] {res[0]} schedules, {res[1]} delivered events checked, {res[2]:.1f} s")
+
+
+@pytest.mark.parametrize("ctr_key", list(CTRS))
+def test_random_schedules(ctr_key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    res = _run_property(
+        ctr_key, 150, partitions=False, fail_writes=ctr_key.startswith("disk"), ctr_key=ctr_key
+    )
+    _report(capsys, f"model {ctr_key}", res)
+    assert res[0] >= 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ctr_key", list(CTRS))
+def test_random_schedules_slow(ctr_key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    res = _run_property(
+        ctr_key, 10_000, partitions=False, fail_writes=ctr_key.startswith("disk"), ctr_key=ctr_key
+    )
+    _report(capsys, f"model --slow {ctr_key}", res)
+    assert res[0] >= 10_000
