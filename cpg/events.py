@@ -75,12 +75,15 @@ class Lost:
     """The connection to the local corosync is gone.
 
     *op* is the call that noticed it, *code* what it returned, *unsent* the messages that were
-    still in the outbound queue (dropped: after a reconnect the cluster layer resynchronises).
+    still in the outbound queue (dropped: after a reconnect the cluster layer resynchronises),
+    *fd* the descriptor the event loop was polling: it is already closed (the handle finalized
+    itself), so unregister it by this number; ``fileno()`` no longer answers.
     """
 
     op: str
     code: CsError | int
     unsent: int
+    fd: int = -1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

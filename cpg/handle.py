@@ -24,8 +24,9 @@ tells the loop to come back after a couple of milliseconds.  ``dispatch`` also f
 
 Losing corosync (``CS_ERR_LIBRARY`` / ``CS_ERR_BAD_HANDLE`` from dispatch or mcast, which is
 what a hung-up fd turns into) is not an exception: the handle finalizes itself, drops its queue,
-sets :attr:`Handle.lost` and calls ``on_lost`` once.  The caller unregisters the old fd and
-calls :meth:`Handle.open` (or makes a new handle) when corosync is back, then joins again.
+sets :attr:`Handle.lost` and calls ``on_lost`` once.  The caller unregisters the old fd
+(``Lost.fd``; ``dispatch`` returns False) and calls :meth:`Handle.open` (or makes a new
+handle) when corosync is back, then joins again.
 
 Callbacks come from C through cffi; an exception raised by a Python callback is kept and
 re-raised from ``dispatch`` once libcpg has returned (never across the C frames).
@@ -222,13 +223,13 @@ class Handle:
         return self._h
 
     def _lose(self, op: str, code: int) -> None:
-        unsent = len(self._outbound)
+        unsent, fd = len(self._outbound), self._fd
         self.close()
         try:
             code_value: CsError | int = CsError(code)
         except ValueError:
             code_value = code
-        self.lost = Lost(op, code_value, unsent)
+        self.lost = Lost(op, code_value, unsent, fd)
         if self.on_lost is not None:
             self.on_lost(self.lost)
 

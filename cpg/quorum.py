@@ -10,7 +10,9 @@ or the set of counted nodes changes.  The verdict itself comes from the configur
 (``corosync_votequorum`` in our configs).
 
 As with :class:`cpg.Handle`, notifications run only inside :meth:`Quorum.dispatch`, called
-when :meth:`Quorum.fileno` is readable; losing corosync calls ``on_lost`` instead of raising.
+when :meth:`Quorum.fileno` is readable; losing corosync is not an exception: ``dispatch``
+returns False, the handle finalizes itself and ``on_lost(Lost)`` gets the closed fd to
+unregister.
 :attr:`Quorum.quorate` holds the latest known verdict (from the last notification or query).
 """
 
@@ -137,12 +139,13 @@ class Quorum:
         return self._h
 
     def _lose(self, op: str, code: int) -> None:
+        fd = self._fd
         self.close()
         try:
             value: CsError | int = CsError(code)
         except ValueError:
             value = code
-        self.lost = Lost(op, value, 0)
+        self.lost = Lost(op, value, 0, fd)
         if self.on_lost is not None:
             self.on_lost(self.lost)
 

@@ -178,7 +178,7 @@ def test_dispatch_reports_loss_as_an_event_not_an_exception(fake: Any) -> None:
     h.send(b"stuck")
     lib.dispatch_rc = LIBRARY
     assert h.dispatch() is False
-    assert lost == [cpg.Lost("cpg_dispatch", CsError.CS_ERR_LIBRARY, 1)]
+    assert lost == [cpg.Lost("cpg_dispatch", CsError.CS_ERR_LIBRARY, unsent=1, fd=7)]
     assert h.lost == lost[0] and not h.is_open and lib.finalized == 1
     assert h.dispatch() is False and len(lost) == 1  # reported once
     assert h.retry_after() is None

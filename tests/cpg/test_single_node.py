@@ -127,6 +127,7 @@ def test_lost_corosync_is_an_event_and_reconnect_works(corosync_single: SingleNo
     h.join(GROUP)
     pump([h], lambda: len(rec.confchgs()) == 1)
     h.send(b"queued before the crash")
+    fd, qfd = h.fileno(), q.fileno()
     corosync_single.kill(1)
 
     start = time.monotonic()
@@ -134,8 +135,10 @@ def test_lost_corosync_is_an_event_and_reconnect_works(corosync_single: SingleNo
     noticed = time.monotonic() - start
     assert noticed < 2.0
     assert rec.lost[0].code is cpg.CsError.CS_ERR_LIBRARY and h.lost is rec.lost[0]
+    assert rec.lost[0].fd == fd  # what the loop must unregister
     assert not h.is_open and h.dispatch() is False and len(rec.lost) == 1
     assert q.dispatch() is False and quorum_lost[0].code is cpg.CsError.CS_ERR_LIBRARY
+    assert quorum_lost[0].fd == qfd and not q.is_open
 
     with pytest.raises(cpg.CpgError) as info:  # nothing to reconnect to yet
         h.open()
