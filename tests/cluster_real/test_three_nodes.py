@@ -126,8 +126,12 @@ def test_concurrent_writers_converge_and_never_clean_a_held_region(
                     ok(d.clear(gone))
                     mine.difference_update(gone)
                     ok(d.flush())
+                elif op < 0.95:  # an integrated flush (protocol 3): its marks ride in it
+                    new = rng.sample(hot, 1)
+                    ok(d.flush(new))
+                    mine.update(new)
                 else:
-                    ok(d.flush(rng.sample(hot, 1)) if rng.random() < 0.5 else d.flush())
+                    ok(d.flush())
                 counts[n] += 1
             ok(d.flush())
         except Exception as exc:
@@ -265,10 +269,9 @@ def _held_request(d: LogDriver, rtype: int, data: bytes, out: dict, timeout: flo
     out["seconds"] = time.monotonic() - start
 
 
-def test_corosync_killed_node_recovered_and_rejoins_after_revive(
-    ulogd_three: UlogdCluster,
-) -> None:
-    u = ulogd_three
+def _kill_corosync_3(u: UlogdCluster) -> dict[int, LogDriver]:
+    """Everything up, node 3 marks 30 and 31, node 1 marks 32, then corosync 3 is SIGKILLed;
+    returns once the survivors have recovered node 3's regions."""
     c = u.corosync
     u.start()
     drivers = create(u, [1, 2, 3])
@@ -280,28 +283,65 @@ def test_corosync_killed_node_recovered_and_rejoins_after_revive(
                FAILOVER_BOUND + 2, "NODEDOWN: node 3's regions out of sync")  # fmt: skip
     for n, st in statuses(u, survivors).items():
         assert st["members"] == [1, 2] and st["in_sync"] == REGIONS - 2, f"node {n}: {st}"
-    # ulogd 3 survives its corosync and holds the log's requests.
-    time.sleep(0.5)
-    assert u[3].running, u[3].log_tail()
+    assert drivers[1].resync_all() == 2
+    assert agree(survivors, [30, 31, 32]) == {30: (1, 1), 31: (1, 1), 32: (0, 1)}
+    return drivers
+
+
+def test_corosync_killed_survivors_recover_and_its_ulogd_holds_requests(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    _kill_corosync_3(u)
+    # ulogd 3 survives its corosync and holds the log's requests (no answer, no crash).
     held: dict = {}
     probe = threading.Thread(
-        target=_held_request,
-        args=(u[3].driver(UUID), T.FLUSH, b"", held, 30.0),
+        target=_held_request, args=(u[3].driver(UUID), T.FLUSH, b"", held, 2.0)
     )
     probe.start()
-    time.sleep(1.5)
-    assert "reply" not in held and "error" not in held, f"answered while orphaned: {held}"
-    assert u[3].running
-    st3 = u[3].status()  # the control socket still answers
-    assert st3["logs"][0]["queued"] >= 1, st3
-    # The survivors recover node 3's regions.
-    assert drivers[1].resync_all() == 2
+    probe.join(timeout=5)
+    assert isinstance(held.get("error"), ClusterTestError), f"answered while orphaned: {held}"
+    assert u[3].running, u[3].log_tail()
+    assert "lost the local corosync: requests wait" in u[3].log_text()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ulogd/cluster/node.py: when corosync dies, CorosyncLink._dispatch_quorum "
+    "unregisters self.quorum.fileno() after the binding closed the handle, so the selector "
+    "keeps a stale key for the old quorum fd (and quorum is never reopened).  The next socket "
+    "that reuses that fd number is 'modified' instead of registered (Daemon._watch) and never "
+    "polled: observed, the control socket's connection (ulogd status hangs) and, after "
+    "revive(3), the new CPG handle: corosync shows node 3 in the group but ulogd 3 never "
+    "dispatches its confchg/checkpoint, so the held FLUSH is never answered and its replica "
+    "never receives state (verified via /proc/PID/fdinfo of the epoll fd).",
+)
+def test_corosync_revived_node_answers_status_rejoins_and_gets_state(
+    ulogd_three: UlogdCluster,
+) -> None:
+    u = ulogd_three
+    c = u.corosync
+    drivers = _kill_corosync_3(u)
+    held: dict = {}
+    probe = threading.Thread(
+        target=_held_request, args=(u[3].driver(UUID), T.FLUSH, b"", held, 12.0)
+    )
+    probe.start()
+    status_error = None
+    try:
+        st3 = u[3].status(timeout=3)
+        assert st3["logs"][0]["queued"] >= 1, st3
+    except OSError as exc:
+        status_error = exc
     c.revive(3)
-    probe.join(timeout=20)
+    probe.join(timeout=15)
+    assert status_error is None, (
+        f"ulogd status on node 3 while its corosync was down: {status_error!r}"
+    )
     assert held.get("reply") is not None, f"the held FLUSH was not answered after revive: {held}"
-    drivers[3] = u[3].driver(UUID)
+    drivers[3] = u[3].driver(UUID, timeout=3)
     want = {30: (1, 1), 31: (1, 1), 32: (0, 1)}
-    wait_until(lambda: agree(drivers, [30, 31, 32]) == want, 10.0,
+    wait_until(lambda: agree(drivers, [30, 31, 32]) == want, 8.0,
                "the revived node to receive the group's state")  # fmt: skip
     for n, st in statuses(u, [1, 2, 3]).items():
         assert st["members"] == [1, 2, 3] and st["in_sync"] == REGIONS, f"node {n}: {st}"
@@ -329,6 +369,15 @@ def _partitioned(u: UlogdCluster) -> dict[int, LogDriver]:
     return drivers
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="ulogd/server.py Server._dispatch applies requests directly when Group.direct is "
+    "true (alone in the group, nothing in flight), and Group.direct ignores Group.quorate: a "
+    "node partitioned alone without quorum applies CLEAR locally.  Observed on node 3 after "
+    "partition(3) (quorate False in status): CLEAR+FLUSH of 40 and MARK/CLEAR of 42 leave "
+    "(IS_CLEAN, IN_SYNC) = (1, 1) for both; expected IS_CLEAN 0.  The held-back CLEAR in "
+    "Group._send is only reached on the multicast path.",
+)
 def test_partitioned_node_without_quorum_never_makes_a_region_clean(
     ulogd_three: UlogdCluster,
 ) -> None:
