@@ -75,12 +75,12 @@ class CorosyncLink:
             self.execute(self.server.set_quorate(False))
 
     def _dispatch_quorum(self) -> None:
-        try:
-            self.quorum.dispatch()
-        except cpg.CpgError as exc:
-            log.error("quorum connection lost: %s", exc)
-            self.register(self.quorum.fileno(), None)
+        fd = self.quorum.fileno()
+        if not self.quorum.dispatch():  # the connection is gone (the handle closed itself)
+            log.error("quorum connection lost: acting as not quorate until corosync returns")
+            self.register(fd, None)
             self.quorum = None
+            self.execute(self.server.set_quorate(False))
 
     def _on_quorum(self, change: Any) -> None:
         log.warning("corosync quorum is now %s", "quorate" if change.quorate else "LOST")
@@ -121,6 +121,8 @@ class CorosyncLink:
         def on_lost(lost: Any) -> None:
             log.error("[%s] corosync connection lost (%s)", key[0][-8:], lost.op)
             self.lost.add(key)
+            if lost.fd >= 0:
+                self.register(lost.fd, None)  # already closed by the handle
 
         try:
             handle = cpg.Handle(on_deliver=on_deliver, on_confchg=on_confchg, on_lost=on_lost)
