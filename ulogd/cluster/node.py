@@ -57,6 +57,7 @@ class CorosyncLink:
         self.deliveries = 0
         self.confchgs = 0
         self.quorum: Any = None
+        self.want_quorum = require_quorum
         if require_quorum:
             self._open_quorum()
 
@@ -65,14 +66,14 @@ class CorosyncLink:
         try:
             self.quorum = cpg.Quorum(on_change=self._on_quorum)
         except cpg.CpgError as exc:
-            log.error("cannot track quorum (%s): acting as quorate", exc)
+            log.error("cannot track quorum (%s): acting as not quorate, retrying", exc)
             self.quorum = None
+            self.execute(self.server.set_quorate(False))
             return
         self.register(self.quorum.fileno(), self._dispatch_quorum)
-        quorate = self.quorum.quorate
+        quorate = bool(self.quorum.quorate)
         log.info("corosync quorum: %s", "quorate" if quorate else "NOT quorate")
-        if not quorate:
-            self.execute(self.server.set_quorate(False))
+        self.execute(self.server.set_quorate(quorate))
 
     def _dispatch_quorum(self) -> None:
         fd = self.quorum.fileno()
@@ -168,7 +169,7 @@ class CorosyncLink:
         """How soon the loop must call :meth:`tick` (None: no need)."""
         waits = [h.retry_after() for h in self.handles.values()]
         waits = [w for w in waits if w is not None]
-        if self.lost:
+        if self.lost or (self.want_quorum and self.quorum is None):
             waits.append(max(0.0, self._next_try - time.monotonic()))
         return min(waits) if waits else None
 
@@ -176,8 +177,11 @@ class CorosyncLink:
         for handle in list(self.handles.values()):
             if handle.pending:
                 handle.flush_outbound()
-        if self.lost and time.monotonic() >= self._next_try:
+        reconnect = self.lost or (self.want_quorum and self.quorum is None)
+        if reconnect and time.monotonic() >= self._next_try:
             self._next_try = time.monotonic() + 1.0
+            if self.want_quorum and self.quorum is None:
+                self._open_quorum()
             for key in list(self.lost):
                 self.lost.discard(key)
                 self.execute(self.server.rejoin(key))
