@@ -8,13 +8,14 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from ulogd import cli, disklog, replay, wire
 from ulogd.capture import CaptureWriter, Direction, Packet, read_capture
 from ulogd.protocol import RequestType as T
-from ulogd.server import Server
+from ulogd.server import LogDevice, Server
 from ulogd.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
 
@@ -356,11 +357,12 @@ def test_daemon_restart_across_two_files(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ disk logs
 def _disk_server(image: bytes | None = None) -> Server:
-    def opener(arg: str) -> disklog.MemoryDiskLog:
+    def opener(arg: str) -> LogDevice:
         assert arg == "/dev/loop4"
-        return disklog.MemoryDiskLog(
+        device = disklog.MemoryDiskLog(
             1 << 20 if image is None else None, data=image, rdev=(7, 4), path=arg
         )
+        return cast(LogDevice, device)
 
     return Server(open_device=opener)
 
@@ -418,11 +420,8 @@ def test_disk_log_recreated_reads_back_what_the_replay_wrote(tmp_path: Path) -> 
 
     class Handle:
         block_size = 512
-        rdev = (7, 4)
-
-        @property
-        def size_bytes(self) -> int:
-            return store.size_bytes
+        rdev: tuple[int, int] | None = (7, 4)
+        size_bytes = store.size_bytes
 
         def read(self, n: int) -> bytes:
             return store.read(n)
@@ -589,6 +588,7 @@ SHIPPED = [
     ["lifecycle.pcapng"],
     ["integrated-flush.pcapng"],
     ["restart-1.pcapng", "restart-2.pcapng"],
+    ["clustered-disk.pcapng"],
 ]
 
 
@@ -672,3 +672,44 @@ def test_state_shown_is_the_one_after_the_request_even_when_the_reply_comes_late
     assert m.type_name == "GET_SYNC_COUNT" and m.recorded is not None
     assert m.recorded.packet == len(pkts)
     assert m.state is not None and "in_sync=0/8" in m.state and "resumed=1" in m.state
+
+
+def test_shipped_disk_capture_reads_back_its_own_image(tmp_path: Path) -> None:
+    """The second disk log reads what the first wrote: an altered answer of it is a real
+    mismatch (the replay knows the image), and the device path/number is noted."""
+    path = CAPTURES / "clustered-disk.pcapng"
+    report = replay.replay([path])
+    assert [info.type_word for info in report.logs.values()] == ["clustered-disk"] * 2
+    assert all(info.taint is None for info in report.logs.values())
+    assert any("/dev/loop0 was 7:0 when captured" in note for note in report.notes)
+    pkts = packets_of(path)
+    second_ctr = [
+        i
+        for i, pkt in enumerate(pkts)
+        if pkt.direction is Direction.TO_DAEMON
+        and isinstance(req := wire.decode(pkt.data), wire.Request)
+        and req.request_type == T.CTR
+    ][1]
+    index = max(  # the last GET_SYNC_COUNT (dmsetup status), after the RESUME read the disk
+        i
+        for i, pkt in enumerate(pkts)
+        if i > second_ctr
+        and pkt.direction is Direction.TO_DAEMON
+        and isinstance(req := wire.decode(pkt.data), wire.Request)
+        and req.request_type == T.GET_SYNC_COUNT
+    )
+    reply_at = next(
+        j
+        for j in range(index + 1, len(pkts))
+        if pkts[j].direction is Direction.FROM_DAEMON
+        and wire.decode_reply(pkts[j].data).seq == wire.decode(pkts[index].data).seq  # type: ignore[union-attr]
+    )
+    rep = pkts[reply_at]
+    assert wire.decode_reply(rep.data).data == struct.pack("=Q", 64)
+    pkts[reply_at] = Packet(
+        0, rep.timestamp_ns, rep.direction, rep.data[:-8] + struct.pack("=Q", 60)
+    )
+    report = replay.replay([rewrite(tmp_path / "disk-altered.pcapng", pkts)])
+    (m,) = report.of(replay.MISMATCH)
+    assert m.uuid == "ulogd-disk-again" and m.type_name == "GET_SYNC_COUNT"
+    assert report.total(replay.UNVERIFIABLE) == 0

@@ -63,7 +63,7 @@ Each replayed request gets one verdict:
       is checked normally.  Only when the image read was the invented one can a difference
       be the device's unknown past rather than a bug.
 
-``no recorded reply``
+``unanswered`` (no recorded reply)
     the replay answered but the capture holds no reply: the daemon died before answering,
     or the capture lost its tail (a killed daemon's buffered records).
 
@@ -84,6 +84,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import re
 import struct
 import sys
@@ -112,6 +113,7 @@ __all__ = [
     "add_arguments",
     "parse_until",
     "replay",
+    "request_text",
     "run_cli",
 ]
 
@@ -122,7 +124,7 @@ EXIT_UNREADABLE = 4
 MATCH = "match"
 MISMATCH = "mismatch"
 UNVERIFIABLE = "unverifiable"
-UNANSWERED = "no recorded reply"
+UNANSWERED = "unanswered"  # no recorded reply
 VERDICTS = (MATCH, MISMATCH, UNVERIFIABLE, UNANSWERED)
 REJECTED = "(rejected)"
 
@@ -191,7 +193,7 @@ def _payload_text(request_type: int | None, data: bytes) -> str:
     return f"{len(data)} bytes {data[:32].hex()}{'...' if len(data) > 32 else ''}"
 
 
-def _request_text(request: wire.Request) -> str:
+def request_text(request: wire.Request) -> str:
     """The request and its payload, for people."""
     name = p.type_name(request.request_type)
     data = request.data
@@ -488,12 +490,9 @@ class _ReplayDevice:
         self.block_size = image.store.block_size
         major, sep, minor = image.arg.partition(":")
         numeric = sep and major.isdigit() and minor.isdigit()
-        self.rdev = (int(major), int(minor)) if numeric else None
+        self.rdev: tuple[int, int] | None = (int(major), int(minor)) if numeric else None
+        self.size_bytes = image.store.size_bytes  # sized for this open's CTR beforehand
         self.closed = False
-
-    @property
-    def size_bytes(self) -> int:
-        return self.image.store.size_bytes
 
     def read(self, nbytes: int) -> bytes:
         return self.image.store.read(nbytes)
@@ -733,7 +732,7 @@ class _Replayer:
                 packet.number,
                 packet.timestamp_ns,
                 name,
-                _request_text(request) if request is not None else f"rejected: {waiting.rejected}",
+                request_text(request) if request is not None else f"rejected: {waiting.rejected}",
                 request.uuid if request is not None else None,
                 request.luid if request is not None else None,
                 request.seq if request is not None else (waiting.seqs or (None,))[0],
@@ -863,7 +862,7 @@ class _Replayer:
         if not fresh:
             self.taint[key] = MID_STREAM
             info.taint = MID_STREAM
-            first = _request_text(request)
+            first = request_text(request)
             self.report.notes.append(
                 f"log {request.uuid} luid={request.luid:#x} starts mid-stream in {label} "
                 f"(packet {packet.number}: {first}); the daemon that answered knew its earlier "
@@ -1054,11 +1053,17 @@ def run_cli(args: argparse.Namespace) -> int:
     report = replay(
         args.files, layout=wire.LAYOUTS[args.protocol], log_filter=args.log, until=until
     )
-    if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(report.render(limit=args.limit))
+    text = (
+        json.dumps(report.to_json(), indent=1) + "\n"
+        if args.json
+        else report.render(limit=args.limit)
+    )
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if report.error is not None:
         print(f"ulogd replay: {report.error_file}: {report.error}", file=sys.stderr)
     return report.exit_status
