@@ -335,7 +335,7 @@ class ControlServer:
             raise
         finally:
             os.umask(old)
-        sock.listen(16)
+        sock.listen(MAX_CONNECTIONS)
         self.service = StreamService(daemon, sock, self.handle)
         daemon.at_shutdown(self._unlink)
         self.commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -398,7 +398,15 @@ def request(
     """Client side: send one command, return the decoded answer; raises OSError/ValueError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(path))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except BlockingIOError:  # backlog full: the daemon is accepting; try again
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path}: the daemon accepts no connection") from None
+                time.sleep(0.01)
         sock.sendall(_reply({"command": command, **fields}))
         data = bytearray()
         while True:
