@@ -428,8 +428,7 @@ def build_initramfs(kernel: Kernel) -> Path:
         cpio.file("lib/modules/load-order", ("\n".join(names) + "\n").encode())
         tmp = final.with_suffix(".tmp")
         tmp.write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
-        os.replace(tmp, final)
-        _prune("initramfs-*.cpio.gz", final)
+        os.replace(tmp, final)  # old initramfs files are tiny: never pruned
     return final
 
 

@@ -42,7 +42,7 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "cannot mount the overlay"
 mkdir -p "/newroot$work"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 ulogdwork "/newroot$work" || fail "cannot mount the checkout"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose ulogdwork "/newroot$work" || fail "cannot mount the checkout"
 mount --move /dev /newroot/dev
 umount /proc /sys
 exec switch_root /newroot /bin/sh "$work/ulogd/testing/guest/init.sh"
