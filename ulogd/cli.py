@@ -308,6 +308,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 daemon.execute,
                 register,
                 require_quorum=bool(getattr(settings, "require_quorum", True)),
+                metrics=daemon.metrics,
             )
             daemon.at_shutdown(daemon.cluster.close)
     except BaseException:

@@ -47,8 +47,10 @@ class CorosyncLink:
         register: Registrar,
         *,
         require_quorum: bool = True,
+        metrics: Any = None,
     ) -> None:
         self.server = server
+        self.metrics = metrics
         self.execute = execute
         self.register = register  # (fd, callback) registers; (fd, None) unregisters
         self.handles: dict[tuple[str, int], cpg.Handle] = {}
@@ -107,10 +109,14 @@ class CorosyncLink:
 
         def on_deliver(msg: Any) -> None:
             self.deliveries += 1
+            if self.metrics is not None:
+                self.metrics.cluster_delivery()
             self.execute(self.server.group_deliver(key, (msg.nodeid, msg.pid), msg.data))
 
         def on_confchg(change: Any) -> None:
             self.confchgs += 1
+            if self.metrics is not None:
+                self.metrics.membership_change()
             members = [m.ident for m in change.members]
             left = [m.ident for m in change.left]
             joined = [m.ident for m in change.joined]
