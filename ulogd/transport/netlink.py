@@ -59,9 +59,13 @@ class NetlinkTransport:
 
         try:
             self._nl = ConnectorSocket()
-            self._nl.bind(groups=GROUP_BIT, pid=0)
+            # pid=None: pyroute2 picks a free port id and binds (with pid=0 it only records
+            # the address and never calls bind(), so nothing would be received).
+            self._nl.bind(groups=GROUP_BIT)
             raw = self._nl.asyncore.socket
             raw.setsockopt(270, 1, CN_IDX_DM)  # SOL_NETLINK, NETLINK_ADD_MEMBERSHIP
+            if raw.getsockname()[0] == 0:
+                raise TransportError("the netlink connector socket did not bind")
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 raise TransportError(
@@ -79,6 +83,11 @@ class NetlinkTransport:
                 "the kernel's dm-log-userspace module is not loaded (no 'dmlogusr' in "
                 "/proc/net/connector); waiting for it anyway"
             )
+
+    @property
+    def port(self) -> int:
+        """The netlink port id this socket is bound to."""
+        return int(self._sock.getsockname()[0])
 
     def fileno(self) -> int:
         return self._sock.fileno()
