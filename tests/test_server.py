@@ -205,3 +205,17 @@ def test_rejected_datagrams_are_answered_when_possible(server: Server) -> None:
     assert isinstance(reply, Send) and wire.decode_reply(reply.data).error == p.EINVAL
     assert server.receive(b"\x00" * 10) == []
     assert server.receive(wire.encode_request(T.IN_SYNC, uuid="u", seq=4, data=bytes(8)), 77) == []
+
+
+@pytest.mark.parametrize("regions", [8, 63, 65, 4097])
+def test_disk_log_geometries_that_are_not_whole_words(regions: int) -> None:
+    """The bitmaps are padded to 64-bit words; the on-disk bitmap must not be."""
+    devices, opener = memory_devices()
+    server = Server(open_device=opener)  # type: ignore[arg-type]
+    d = LogDriver(InProcess(server))
+    d.create(f"{regions * 2} clustered-disk /dev/log0 2 nosync")
+    d.mark([regions - 1])
+    assert d.flush().error == 0
+    image = disklog.parse_image(devices["/dev/log0"].read(disklog.io_size(regions, 512)), regions)
+    assert image.valid and image.nr_regions == regions
+    assert image.clean.count() == regions - 1 and not image.clean[regions - 1]

@@ -241,8 +241,10 @@ def plan_write(
     blocks covering the given bitmap chunks (``region >> 12``) are written, adjacent blocks
     merged, sorted by offset; an empty set gives an empty plan.
     """
-    if len(clean) != region_count:
-        raise ValueError(f"bitmap has {len(clean)} bits, expected {region_count}")
+    if len(clean) < region_count:
+        # Longer is fine: the daemon's bitmaps are padded to whole words; only the first
+        # region_count bits are written and the rest of the last word is zero on disk.
+        raise ValueError(f"bitmap has {len(clean)} bits, fewer than {region_count}")
     if clean.endian != "little":
         clean = bitarray(clean, endian="little")
     total = io_size(region_count, block_size)
