@@ -24,6 +24,7 @@ with an error instead of leaving the kernel to time out.  Replies are built by
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ulogd import protocol as p
@@ -88,6 +89,14 @@ class Layout:
         for name, code in self.fields:
             self.offsets[name] = offset
             offset += struct.calcsize("=" + code)
+        # A reply is the request's header with four fields rewritten: one pack of those
+        # fields and the three unchanged stretches between them.
+        o_err, o_size = self.offsets["error"], self.offsets["data_size"]
+        self.o_error = o_err
+        self.o_data_size = o_size
+        self.reply_struct = struct.Struct(f"=I28sH{o_err - 34}si{o_size - o_err - 4}sI")
+        #: the fast decoder of well-formed requests, built on first use (see decode)
+        self.fast: Callable[[bytes | bytearray | memoryview, int], Request | None] | None = None
 
     def index(self, name: str) -> int:
         return self._index[name]
@@ -152,46 +161,84 @@ def decode(
     datagram: bytes | bytearray | memoryview, layout: Layout = CURRENT, sender_port: int = 0
 ) -> Request | Rejected:
     """Decode one datagram; never raises."""
-    size = len(datagram)
     if sender_port != 0:
         return Rejected(f"datagram from netlink port {sender_port}, not the kernel", foreign=True)
+    size = len(datagram)
     if size >= layout.header_size:
-        # The fast path: one unpack, then the checks on the values.
-        v = layout.struct.unpack_from(datagram)
-        if (
-            v[4] == 0  # nlmsg_pid: the kernel
-            and v[5] == p.CN_IDX_DM
-            and v[6] == p.CN_VAL_DM_USERSPACE_LOG
-            and v[1] == p.NLMSG_DONE
-            and v[0] == size
-            and v[9] == size - layout.prefix_size
-            and v[layout.i_data_size] == v[9] - layout.request_size
-        ):
-            rtype = v[layout.i_type] & p.REQUEST_TYPE_MASK
-            version = v[layout.i_version] if layout.has_luid else 1
-            data_size = v[layout.i_data_size]
-            expected = _FIXED_SIZES.get(rtype)
-            if expected is None:
-                fits = (
-                    rtype in _REGION_LISTS
-                    and not data_size % 8
-                    and (not data_size or version >= 3 or rtype != p.RequestType.FLUSH)
-                )
-            else:
-                fits = expected == data_size
-            if fits and 0 < version <= p.PROTOCOL_VERSION:
-                return Request(
-                    v[layout.i_luid] if layout.has_luid else 0,
-                    _uuid_text(v[layout.i_uuid]),
-                    version,
-                    v[layout.i_seq],
-                    rtype,
-                    bytes(datagram[layout.header_size :]) if data_size else b"",
-                    bytes(datagram[: layout.header_size]),
-                    layout,
-                    v[7],
-                )
+        fast = layout.fast
+        if fast is None:
+            fast = layout.fast = _fast_decoder(layout)
+        request = fast(datagram, size)
+        if request is not None:
+            return request
     return _decode_checked(datagram, layout, size)
+
+
+def _fast_decoder(
+    layout: Layout,
+) -> Callable[[bytes | bytearray | memoryview, int], Request | None]:
+    """The fast path for ``layout``: one unpack, then the checks on the values, every
+    constant bound in the closure.  None means "not the common well-formed case": the
+    caller then runs :func:`_decode_checked`, which finds and names the problem (or
+    accepts the rare legal forms this path leaves to it, e.g. version 0)."""
+    unpack = layout.struct.unpack_from
+    header_size, prefix_size, request_size = (
+        layout.header_size,
+        layout.prefix_size,
+        layout.request_size,
+    )
+    has_luid = layout.has_luid
+    i_luid, i_uuid, i_version = layout.i_luid, layout.i_uuid, layout.i_version
+    i_seq, i_type, i_data_size = layout.i_seq, layout.i_type, layout.i_data_size
+    cn_idx, cn_val, done = p.CN_IDX_DM, p.CN_VAL_DM_USERSPACE_LOG, p.NLMSG_DONE
+    mask, max_version, flush = p.REQUEST_TYPE_MASK, p.PROTOCOL_VERSION, int(p.RequestType.FLUSH)
+    fixed_size = _FIXED_SIZES.get
+    region_lists = _REGION_LISTS
+    uuids = _uuid_cache
+
+    def fast(datagram: bytes | bytearray | memoryview, size: int) -> Request | None:
+        v = unpack(datagram)
+        if (
+            v[4]  # nlmsg_pid: not the kernel
+            or v[5] != cn_idx
+            or v[6] != cn_val
+            or v[1] != done
+            or v[0] != size
+            or v[9] != size - prefix_size
+        ):
+            return None
+        data_size = v[i_data_size]
+        if data_size != v[9] - request_size:
+            return None
+        rtype = v[i_type] & mask
+        version = v[i_version] if has_luid else 1
+        if not 0 < version <= max_version:
+            return None
+        expected = fixed_size(rtype)
+        if expected is None:
+            if (
+                rtype not in region_lists
+                or data_size % 8
+                or (data_size and version < 3 and rtype == flush)
+            ):
+                return None
+        elif expected != data_size:
+            return None
+        raw = v[i_uuid]
+        uuid = uuids.get(raw)
+        if uuid is None:
+            uuid = _uuid_text(raw)
+        if type(datagram) is bytes:
+            header = datagram[:header_size]
+            data = datagram[header_size:] if data_size else b""
+        else:
+            header = bytes(datagram[:header_size])
+            data = bytes(datagram[header_size:]) if data_size else b""
+        return Request(
+            v[i_luid] if has_luid else 0, uuid, version, v[i_seq], rtype, data, header, layout, v[7]
+        )
+
+    return fast
 
 
 #: request types whose payload has one exact size (the common ones take the fast path)
@@ -282,20 +329,18 @@ def _build(layout: Layout, header: bytes, error: int, payload: bytes) -> bytes:
     """A reply: the request's own headers with lengths, ``error`` and ``data_size`` rewritten
     (cn_msg.seq and nlmsg_seq are left as the kernel sent them; it matches on the request's
     ``seq``, which is kept)."""
-    out = bytearray(header)
-    size = layout.header_size + len(payload)
-    _U32.pack_into(out, 0, size)
-    _U16.pack_into(out, 32, size - layout.prefix_size)
-    _I32.pack_into(out, layout.offsets["error"], error)
-    _U32.pack_into(out, layout.offsets["data_size"], len(payload))
-    if payload:
-        out += payload
-    return bytes(out)
-
-
-_U32 = struct.Struct("=I")
-_U16 = struct.Struct("=H")
-_I32 = struct.Struct("=i")
+    n = len(payload)
+    o_err = layout.o_error
+    reply = layout.reply_struct.pack(
+        layout.header_size + n,
+        header[4:32],
+        layout.request_size + n,
+        header[34:o_err],
+        error,
+        header[o_err + 4 : layout.o_data_size],
+        n,
+    )
+    return reply + payload if n else reply
 
 
 def encode_reply(request: Request, error: int = 0, payload: bytes = b"") -> bytes:
@@ -307,13 +352,16 @@ def encode_reply(request: Request, error: int = 0, payload: bytes = b"") -> byte
     """
     if error:
         payload = b""
-    capacity = p.SPECS[request.request_type].reply_capacity
+    capacity = _CAPACITY[request.request_type]
     if len(payload) > capacity:
         raise ValueError(
             f"{p.type_name(request.request_type)} reply of {len(payload)} bytes exceeds the "
             f"kernel's {capacity}-byte buffer"
         )
     return _build(request.layout, request.raw_header, error, payload)
+
+
+_CAPACITY: dict[int, int] = {t: spec.reply_capacity for t, spec in p.SPECS.items()}
 
 
 def encode_ack(cn_seq: int, error: int) -> bytes:
