@@ -440,7 +440,6 @@ class Group:
         rl.members = present_nodes
         if self.sender in left:
             self.sender = None  # its checkpoint will never complete: start another
-        actions += self._checkpoint_duty()
         new_server = self.disk_server
         if rl.has_disk and new_server != old_server and new_server is not None:
             # What the previous server wrote is unknown.  Every replica treats the change
@@ -450,6 +449,8 @@ class Group:
             rl.take_disk_work()
             if new_server == self.me[0]:
                 actions.append(WriteDisk(None, self.index))
+        # Last: a snapshot at this change must include all of the change's effects.
+        actions += self._checkpoint_duty()
         return actions
 
     def _checkpoint_duty(self) -> list[Action]:
