@@ -53,3 +53,24 @@ def test_master_after_elder_crash_numbers_later_joiners_from_their_join() -> Non
     assert b.group is not None and d.group is not None
     assert b.group.index == d.group.index
     identical(b, d)
+
+
+def test_snapshot_at_a_server_change_includes_the_change() -> None:
+    """A change that admits a joiner and removes the disk server: the new server's snapshot must
+    be taken after the change's own effects (the full rewrite it schedules), or the joiner's
+    disk bookkeeping differs from everyone else's (found by test_group_model)."""
+    vg, (a, b) = cluster(DISK, 1, 2)
+    write(vg, b, 3)
+    vg.run()
+    vg.request(b, T.CLEAR_REGION, regions(3))
+    vg.request(b, T.GET_RESYNC_WORK)  # carries the CLEAR: a dirty chunk, no flush yet
+    vg.run()
+    assert b.log is not None and b.log.dirty_chunks == {0}
+    c = SimNode(3, DISK)
+    vg.change(joined=[c], left=[a], drop_after=[a])  # a crashed; c joined: one change
+    a.group = None
+    vg.run_events()
+    assert c.ready
+    identical(b, c)
+    vg.run()
+    identical(b, c)

@@ -121,6 +121,7 @@ class World:
     # -- kernel side ---------------------------------------------------------------------
     def submit(self, vg: VirtualGroup, node: SimNode, rtype: int, data: bytes = b"") -> int:
         seq = vg.request(node, rtype, data)
+        self.trace.append(f"  n{node.nodeid} {T(rtype).name}{_args(data)}#{seq}")
         k = self.kern[node.member]
         if rtype not in (T.MARK_REGION, T.CLEAR_REGION):
             k.outstanding[seq] = (rtype, data)
@@ -140,7 +141,7 @@ class World:
             rtype, _data = node.requests[seq]
             if rtype == T.FLUSH:
                 covered = k.flushes.pop(seq, set())
-                if reply.error == 0:
+                if reply.error == 0 and not k.leaving:
                     k.writing |= covered
             elif rtype == T.GET_RESYNC_WORK and reply.error == 0 and len(reply.data) == 16:
                 got, region = struct.unpack("=qQ", reply.data)
@@ -156,7 +157,8 @@ class World:
         assert vg is not None
         k = self.kern[node.member]
         kind = b % 9
-        free = [r for r in range(REGIONS) if r not in k.pending | k.writing]
+        busy = k.pending | k.writing | set().union(*k.flushes.values())
+        free = [r for r in range(REGIONS) if r not in busy]
         if kind == 0 and free:  # MARK
             r = free[c % len(free)]
             k.pending.add(r)
@@ -185,9 +187,10 @@ class World:
             self.submit(vg, node, T.IS_REMOTE_RECOVERING, U64.pack(r))
         elif kind == 7 and k.outstanding:  # a kernel retry: same request, new seq
             seq = sorted(k.outstanding)[c % len(k.outstanding)]
-            rtype, data = k.outstanding[seq]
+            rtype, data = k.outstanding.pop(seq)  # the kernel ignores a late answer to it
+            k.seen.add(seq)
             if rtype == T.FLUSH:
-                self._flush(vg, node, data, set(k.flushes.get(seq, set())))
+                self._flush(vg, node, data, k.flushes.pop(seq, set()))
             else:
                 self.submit(vg, node, rtype, data)
         elif kind == 8:  # quorum change as the votequorum callback reports it
@@ -197,6 +200,7 @@ class World:
     def _flush(self, vg: VirtualGroup, node: SimNode, data: bytes, covered: set[int]) -> int:
         k = self.kern[node.member]
         req = vg.make_request(node, T.FLUSH, data)
+        self.trace.append(f"  n{node.nodeid} FLUSH{_args(data)}#{req.seq}")
         k.flushes[req.seq] = covered
         k.outstanding[req.seq] = (T.FLUSH, data)
         assert node.group is not None
@@ -311,6 +315,7 @@ class World:
     # -- invariants ----------------------------------------------------------------------
     def check(self, vg: VirtualGroup, event: Event) -> None:
         self.events += 1
+        self.trace.append(f"  -> {event_name(event)}")
         holding = [
             n for n in vg.view if n.group is not None and n.group.phase is g.Phase.VALID
         ]
@@ -425,6 +430,10 @@ class World:
             assert not twice, f"crashed node {n.nodeid}: requests {twice} answered twice"
 
 
+def _args(data: bytes) -> str:
+    return str(list(struct.unpack(f"={len(data) // 8}q", data))) if data else ""
+
+
 def event_name(event: Event) -> str:
     if isinstance(event, Msg):
         try:
@@ -462,12 +471,17 @@ def run_schedule(
     # weights: requests and deliveries dominate
     table = [0] * 10 + [1] * 10 + [2] * 2 + [3] * 2 + [4] + [5] + [6] + [7]
     names = ["request", "deliver", "write", "join", "crash", "suspend", "partition", "merge"]
-    for op, a, b, c in ((s[0], s[0], s[1], s[2]) for s in steps):
-        which = table[op % len(table)]
-        w.trace.append(f"{names[which]}({a // len(table)}, {b}, {c})")
-        ops[which](a // len(table), b, c)
-    w.quiesce()
-    w.check_answers()
+    try:
+        for op, a, b, c in ((s[0], s[0], s[1], s[2]) for s in steps):
+            which = table[op % len(table)]
+            w.trace.append(f"{names[which]}({a // len(table)}, {b}, {c})")
+            ops[which](a // len(table), b, c)
+        w.trace.append("quiesce")
+        w.quiesce()
+        w.check_answers()
+    except AssertionError as exc:
+        exc.add_note("schedule: " + " | ".join(w.trace))
+        raise
     return w
 
 
