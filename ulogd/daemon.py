@@ -149,10 +149,11 @@ class Daemon:
         self._at_shutdown.append(callback)
 
     def _watch(self, fd: int, events: int, callback: Callable[[], None]) -> None:
-        try:
-            self._selector.modify(fd, events, callback)
-        except KeyError:
-            self._selector.register(fd, events, callback)
+        # Never modify(): if a closed descriptor's number was reused, the selector still maps
+        # it while epoll dropped it, and modify() with the same events would not re-add it.
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(fd)
+        self._selector.register(fd, events, callback)
 
     def execute(self, actions: list[Action]) -> None:
         """Perform actions produced outside a request (cluster events, timers)."""

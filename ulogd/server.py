@@ -643,8 +643,13 @@ class Server:
         entry = self.logs.get(key)
         if entry is None or entry.group is None:
             return
-        log.error("%s lost the local corosync: requests wait until it returns", tag(key[0]))
-        entry.orphaned, entry.group = entry.group, None
+        if entry.orphaned is None:  # keep the first incarnation: it holds the pending work
+            log.error("%s lost the local corosync: requests wait until it returns", tag(key[0]))
+            entry.orphaned = entry.group
+            entry.orphaned.own_marks = sorted(
+                r for r, nodes in entry.log.holders.items() if self.local_node in nodes
+            )
+        entry.group = None
 
     def rejoin(self, key: tuple[str, int]) -> list[Action]:
         """Join again after corosync returned; held requests are sent once state is back."""

@@ -31,12 +31,13 @@ they run:
   joined together, or the older ones left), the lowest member of the oldest cohort becomes the
   *master* and its own replica (or the disk) is the truth.
 * **Departures.**  A member that leaves without clearing its marks (crash, or a leave with
-  writes outstanding) may have written one leg only: every region it held and nobody else holds
-  loses sync (:meth:`RegionLog.node_departed`), its recovery assignment is handed out again,
-  and if it was the disk server the next server rewrites the whole log and answers the flushes
-  that waited for the old one, at once.
-* **Alone.**  A member that is alone in its group and has nothing in flight applies requests
-  directly (:meth:`Group.direct` is true): a one-member ring costs a full CPU per message.
+  writes outstanding) may have written one leg only: every region it held loses sync
+  (:meth:`RegionLog.node_departed`), its recovery assignment is handed out again, and if it was
+  the disk server the next server rewrites the whole log and answers the flushes that waited
+  for the old one, at once.  A member that lost its own corosync and comes back marks the
+  regions its kernel still holds again before anything else.
+* **Alone.**  A member that is alone in its group, quorate, with nothing in flight applies
+  requests directly (:meth:`Group.direct`): a one-member ring costs a full CPU per message.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ class Group:
         self._assembly: _Assembly | None = None
         self._leaving: wire.Request | None = None
         self._merge: _Merge | None = None
+        #: regions this node held when its corosync connection was lost (marked again on rejoin)
+        self.own_marks: list[int] = []
         self.dropped = 0  # corrupt or foreign messages
 
     # ------------------------------------------------------------------ properties
@@ -177,9 +180,10 @@ class Group:
 
     @property
     def direct(self) -> bool:
-        """Alone, holding state, nothing in flight: requests need no multicast."""
+        """Alone, holding state, quorate, nothing in flight: requests need no multicast."""
         return (
-            self.phase is Phase.VALID
+            self.quorate
+            and self.phase is Phase.VALID
             and self.members == (self.me,)
             and not self.in_flight
             and not self.outbox
@@ -667,7 +671,10 @@ class Group:
     def adopt_pending(self, previous: Group) -> list[Action]:
         """Take over what an earlier incarnation (lost with its corosync) had not finished:
         acknowledged MARK/CLEARs go out again, unanswered requests are submitted again."""
-        self.outbox = previous.outbox + self.outbox
+        # The survivors dropped this node's marks when it vanished, but its kernel may still be
+        # writing those regions: mark them again before anything else.
+        again = [m.OpRecord(m.Op.MARK, 0, tuple(previous.own_marks))] if previous.own_marks else []
+        self.outbox = again + previous.outbox + self.outbox
         requests = [*previous.waiting.values(), *(r for _, r in previous.flushes)]
         actions: list[Action] = []
         for request in sorted(requests, key=lambda r: r.seq):
