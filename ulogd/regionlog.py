@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bitarray import bitarray
 
@@ -53,9 +53,9 @@ class Resume(enum.Enum):
     NEEDS_DISK = "needs-disk"
 
 
-@dataclass(frozen=True, slots=True)
-class Scalars:
-    """The non-bitmap state that must survive a daemon restart."""
+class Scalars(NamedTuple):
+    """The non-bitmap state that must survive a daemon restart (a named tuple: built before
+    every reply that changed it, so it must be cheap to make)."""
 
     sync_search: int
     recovering: int

@@ -44,6 +44,7 @@ from ulogd.statefile import LogState, MemoryState, StateDir
 
 log = logging.getLogger(__name__)
 
+_CTR = int(T.CTR)  # a plain int: compared on every request
 _U64 = struct.Struct("=Q")
 _S64 = struct.Struct("=q")
 _PAIR = struct.Struct("=qQ")
@@ -189,7 +190,7 @@ class Server:
         self.logs: dict[tuple[str, int], Entry] = {}
         self._pending: dict[int, tuple[Entry, Continuation]] = {}
         self._next_token = 1
-        self._counts: Counter[tuple[int, int]] = Counter()  # (type, error) → replies
+        self._counts: dict[tuple[int, int], int] = {}  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
         self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
@@ -221,9 +222,9 @@ class Server:
         return self.handle(request)
 
     def handle(self, request: wire.Request) -> list[Action]:
-        if request.request_type == T.CTR:
+        if request.request_type == _CTR:
             return self._ctr(request)
-        entry = self.logs.get(request.key)
+        entry = self.logs.get((request.uuid, request.luid))
         if entry is None:
             log.info(
                 "%s %s for unknown log luid=%#x: -ESRCH (the kernel will reconnect)",
@@ -263,7 +264,8 @@ class Server:
         return [Send(rejected.reply)] if rejected.reply else []
 
     def _reply(self, request: wire.Request, error: int = 0, payload: bytes = b"") -> Send:
-        self._counts[(request.request_type, error)] += 1
+        counts, key = self._counts, (request.request_type, error)
+        counts[key] = counts.get(key, 0) + 1
         return Send(wire.encode_reply(request, error, payload))
 
     @property
