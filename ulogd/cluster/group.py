@@ -385,6 +385,8 @@ class Group:
             # Still without state: the merged group's checkpoint comes later, counted from here.
             self.index = 0
             self._queue = []
+            self._elders = set(self.valid)
+            self._cohort = set(self.members) - self.valid
             if not self.valid:
                 self._elders = set()
                 self._cohort = set(self.members)
@@ -444,6 +446,13 @@ class Group:
         rl.members = present_nodes
         if self.sender in left:
             self.sender = None  # its checkpoint will never complete: start another
+        actions += self._server_moved(old_server)
+        # Last: a snapshot at this change must include all of the change's effects.
+        actions += self._checkpoint_duty()
+        return actions
+
+    def _server_moved(self, old_server: int | None) -> list[Action]:
+        rl = self.log
         new_server = self.disk_server
         if rl.has_disk and new_server != old_server and new_server is not None:
             # What the previous server wrote is unknown.  Every replica treats the change
@@ -452,10 +461,8 @@ class Group:
             rl.full_write = True
             rl.take_disk_work()
             if new_server == self.me[0]:
-                actions.append(WriteDisk(None, self.index))
-        # Last: a snapshot at this change must include all of the change's effects.
-        actions += self._checkpoint_duty()
-        return actions
+                return [WriteDisk(None, self.index)]
+        return []
 
     def _checkpoint_duty(self) -> list[Action]:
         if not self.joiners or self.sender is not None:
@@ -495,8 +502,14 @@ class Group:
             self.in_flight = max(0, self.in_flight - 1)
         actions: list[Action] = []
         if isinstance(message, m.MergeChunk):
+            if self._merge is None and self.phase is Phase.JOINING:
+                # The others took our arrival for a partition merge (our node came back): say
+                # we hold no state, so the round can complete without us.
+                self._merge = _Merge(expect=set(self.members))
+                self.in_flight += 1
+                actions.append(Multicast(m.encode_merge(0, 0, 0, b"")))
             if self._merge is not None:
-                actions = self._merge_chunk(sender, message)
+                actions += self._merge_chunk(sender, message)
         elif self._merge is not None:
             self._merge.queue.append(("message", sender, message))
         elif self.phase is Phase.JOINING:
@@ -593,14 +606,17 @@ class Group:
         self.ckpt_delivered += 1
         if self.ckpt_delivered < chunk.parts:
             return []
-        # The last chunk: its targets hold state from here on.
+        # The last chunk: its targets hold state from here on (a joiner with a lower node id
+        # becomes the disk server here, and must rewrite the log like any new server).
+        old_server = self.disk_server
         for t in chunk.targets:
             member = (t.nodeid, t.pid)
             if member in self.members:
                 self.valid.add(member)
             self.joiners.pop(member, None)
         self.sender = None
-        return self._checkpoint_duty()  # joiners that arrived meanwhile
+        actions = self._server_moved(old_server)
+        return actions + self._checkpoint_duty()  # joiners that arrived meanwhile
 
     def _collect(self, chunk: m.CheckpointChunk) -> list[Action] | None:
         target = next((t for t in chunk.targets if (t.nodeid, t.pid) == self.me), None)
