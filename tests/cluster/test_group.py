@@ -74,3 +74,27 @@ def test_snapshot_at_a_server_change_includes_the_change() -> None:
     identical(b, c)
     vg.run()
     identical(b, c)
+
+
+def test_lower_id_joiner_becoming_disk_server_rewrites_and_releases_flushes() -> None:
+    """A joiner with the lowest node id becomes disk server when its checkpoint completes; the
+    old server then leaves before its write finished.  The new server must rewrite the log at
+    the hand-over, or the FLUSH that waited for the old server is never answered (found by
+    test_group_model)."""
+    vg, (c, d) = cluster(DISK, 3, 4)
+    flush = write(vg, d, 1)
+    while vg.queue:
+        vg.deliver_one()  # the FLUSH is delivered, server 3's write stays pending
+    assert flush not in d.answers and len(vg.pending_writes) == 1
+    a = SimNode(1, DISK)
+    vg.join(a)
+    vg.run_events()
+    assert a.ready and a.group is not None and a.group.disk_server == 1
+    vg.postsuspend(c)
+    vg.leave_if_done()
+    vg.run_events()
+    assert c.group is not None and c.group.phase.name == "LEFT"
+    vg.run()  # server 3's write is gone with it; server 1's rewrite completes
+    assert d.answers[flush].error == 0
+    assert d.answer_counts[flush] == 1
+    identical(a, d)
