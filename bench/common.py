@@ -17,7 +17,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -103,6 +105,33 @@ def alternate(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str
         for name in order:
             out[name].append(variants[name]())
     return out
+
+
+class Timer:
+    """Wall-clock and CPU time of a block (``with Timer() as t: ...``; ``t.wall``, ``t.cpu``).
+
+    On a shared machine the process is often descheduled: its CPU time (``process_time``)
+    is the cost of the work on one core, the wall time what a client would have seen."""
+
+    wall = 0.0
+    cpu = 0.0
+
+    def __enter__(self) -> Timer:
+        self._w = time.perf_counter()
+        self._c = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu = time.process_time() - self._c
+        self.wall = time.perf_counter() - self._w
+
+
+def rates(count: int, timer: Timer) -> dict[str, float]:
+    """Operations per second of wall time and per second of CPU time."""
+    return {
+        "per_cpu_s": count / timer.cpu if timer.cpu > 0 else float("inf"),
+        "per_wall_s": count / timer.wall if timer.wall > 0 else float("inf"),
+    }
 
 
 def ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
