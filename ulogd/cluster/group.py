@@ -233,9 +233,24 @@ class Group:
     def _send(self, tail: list[m.OpRecord]) -> list[Action]:
         ops = self.outbox + tail
         if not self.quorate:
-            # A member without quorum never makes a region clean: hold CLEARs back.
-            held = [o for o in ops if o.op is m.Op.CLEAR]
-            ops = [o for o in ops if o.op is not m.Op.CLEAR]
+            # A member without quorum never makes a region clean: hold CLEARs back.  A later
+            # MARK of a held region (a new write) cancels that CLEAR: sent after the MARK, it
+            # would clear the region while the new write is in flight.
+            held: list[m.OpRecord] = []
+            sent: list[m.OpRecord] = []
+            for o in ops:
+                if o.op is m.Op.CLEAR:
+                    held.append(o)
+                    continue
+                if held and o.op in (m.Op.MARK, m.Op.FLUSH) and o.values:
+                    marked = set(o.values)
+                    held = [
+                        m.OpRecord(h.op, h.seq, tuple(r for r in h.values if r not in marked))
+                        for h in held
+                    ]
+                    held = [h for h in held if h.values]
+                sent.append(o)
+            ops = sent
             self.outbox = held
         else:
             self.outbox = []
