@@ -98,3 +98,22 @@ def test_lower_id_joiner_becoming_disk_server_rewrites_and_releases_flushes() ->
     assert d.answers[flush].error == 0
     assert d.answer_counts[flush] == 1
     identical(a, d)
+
+
+def test_held_clear_is_not_reordered_after_a_new_mark() -> None:
+    """Without quorum CLEARs are held back; the kernel then marks the same region again for a
+    new write.  The held CLEAR must not be sent after that MARK (it would make the region clean
+    while the new write is in flight) — found by test_group_model."""
+    vg, (a, b) = cluster(CORE, 1, 2)
+    write(vg, a, 0)
+    vg.run()
+    vg.set_quorate(a, False)
+    vg.request(a, T.CLEAR_REGION, regions(0))  # first write done
+    flush = write(vg, a, 0)  # a second write to region 0
+    vg.run()
+    assert a.answers[flush].error == 0
+    vg.set_quorate(a, True)  # the held CLEARs go out now
+    vg.run()
+    for n in (a, b):
+        assert n.log is not None
+        assert n.log.clean[0] == 0 and n.log.holders.get(0) == {1}
