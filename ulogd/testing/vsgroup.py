@@ -365,7 +365,9 @@ def replica_state(n: SimNode) -> tuple[object, ...]:
         frozenset(rl.dirty_chunks), rl.full_write, rl.disk_failed, rl.in_sync_override,
         frozenset(rl.members),
         gr.index, gr.members, frozenset(gr.valid), dict(gr.joiners), gr.sender,
-        gr.ckpt_point, gr.ckpt_delivered, gr.disk_server,
+        # the checkpoint counters mean something only while a checkpoint is in progress
+        gr.ckpt_point if gr.sender else None, gr.ckpt_delivered if gr.sender else None,
+        gr.disk_server,
     )  # fmt: skip
 
 
