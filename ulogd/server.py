@@ -325,12 +325,18 @@ class Server:
                 tag(request.uuid),
                 "(reconnect)" if reconnect else "(repeated)",
             )
-            return [self._ctr_reply(request, config, reconnect)]
+            return [self._ctr_reply(request, config, reconnect, existing.device)]
         try:
             entry = self._create(request.uuid, request.luid, config)
         except DeviceError as exc:
             log.error("%s CTR %r: log device: %s", tag(request.uuid), config.text, exc)
             return [self._reply(request, -exc.errno)]
+        if _ctr_device_name(request, config, entry.device, reconnect) is None:
+            log.error("%s CTR %r: log device name too long", tag(request.uuid), config.text)
+            if entry.device is not None:
+                entry.device.close()
+            entry.state.remove()
+            return [self._reply(request, -errno.ENAMETOOLONG)]
         predecessor = self._predecessor(request.uuid, request.luid, config)
         if predecessor is not None:
             entry.predecessor, previous = predecessor
@@ -353,14 +359,21 @@ class Server:
             config.region_count,
             config.region_size,
         )
-        return [self._ctr_reply(request, config, reconnect)]
+        return [self._ctr_reply(request, config, reconnect, entry.device)]
 
-    def _ctr_reply(self, request: wire.Request, config: ctr.LogConfig, reconnect: bool) -> Send:
+    def _ctr_reply(
+        self,
+        request: wire.Request,
+        config: ctr.LogConfig,
+        reconnect: bool,
+        device: LogDevice | None = None,
+    ) -> Send:
         # Protocol >= 2 registers the named log device with the kernel; the reconnect CTR has
         # no reply buffer, so it must be answered without a payload.
-        if config.log_device and request.version >= 2 and not reconnect:
-            return self._reply(request, 0, config.log_device.encode() + b"\0")
-        return self._reply(request, 0)
+        name = _ctr_device_name(request, config, device, reconnect)
+        if name is None:
+            return self._reply(request, -errno.ENAMETOOLONG)
+        return self._reply(request, 0, name)
 
     def _create(self, uuid: str, luid: int, config: ctr.LogConfig) -> Entry:
         device = self._open_device(config) if config.log_device else None
@@ -777,6 +790,22 @@ class Server:
 
 def _regions(data: bytes) -> memoryview | tuple[()]:
     return memoryview(data).cast("Q") if data else ()
+
+
+def _ctr_device_name(
+    request: wire.Request, config: ctr.LogConfig, device: LogDevice | None, reconnect: bool
+) -> bytes | None:
+    """The CTR reply payload: the log device's name for protocol >= 2 (b"" otherwise), as
+    ``MAJ:MIN`` when the path does not fit the kernel's 128-byte buffer; None if nothing fits."""
+    if not config.log_device or request.version < 2 or reconnect:
+        return b""
+    name = config.log_device.encode() + b"\0"
+    if len(name) > _CTR_REPLY_CAPACITY and device is not None and device.rdev is not None:
+        name = f"{device.rdev[0]}:{device.rdev[1]}".encode() + b"\0"
+    return name if len(name) <= _CTR_REPLY_CAPACITY else None
+
+
+_CTR_REPLY_CAPACITY = p.SPECS[T.CTR].reply_capacity
 
 
 def _device_id(device: LogDevice | None, config: ctr.LogConfig) -> str | None:

@@ -1,0 +1,1 @@
+"""Hardening tiers: regressions found by fuzzing, soak, cluster chaos (issue 9)."""

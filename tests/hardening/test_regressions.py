@@ -1,0 +1,46 @@
+"""Regression tests for defects found by the fuzzing campaign (fuzz/README.rst)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from ulogd import disklog
+from ulogd.server import Server
+from ulogd.statefile import StateDir
+from ulogd.testing.driver import InProcess, LogDriver
+
+
+def _opener(rdev: tuple[int, int] | None) -> object:
+    def open_device(_path: str) -> disklog.MemoryDiskLog:
+        return disklog.MemoryDiskLog(1 << 20, rdev=rdev)
+
+    return open_device
+
+
+LONG = "/dev/disk/by-id/" + "x" * 120  # 136 bytes: more than the kernel's 128-byte buffer
+
+
+def test_ctr_with_a_device_path_longer_than_the_reply_buffer_answers_maj_min() -> None:
+    # Found by fuzz/fuzz_server.py: CTR "131072 disk /dev/<130 x> 1024" (protocol 3) made
+    # Server.receive raise ValueError ("CTR reply of 136 bytes exceeds the kernel's
+    # 128-byte buffer") instead of answering.
+    server = Server(open_device=_opener((253, 7)))  # type: ignore[arg-type]
+    d = LogDriver(InProcess(server))
+    reply = d.ctr(f"131072 disk {LONG} 1024")
+    assert (reply.error, reply.data) == (0, b"253:7\0")
+    again = d.ctr(f"131072 disk {LONG} 1024")  # a repeated CTR is answered the same way
+    assert (again.error, again.data) == (0, b"253:7\0")
+
+
+def test_ctr_with_an_unnameable_long_device_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    server = Server(state_dir=state, open_device=_opener(None))  # type: ignore[arg-type]
+    d = LogDriver(InProcess(server))
+    reply = d.ctr(f"131072 clustered-disk {LONG} 1024")
+    assert reply.error == -errno.ENAMETOOLONG
+    assert server.logs == {}
+    assert list(tmp_path.iterdir()) == []
+    # protocol 1 takes no device name in the reply: accepted
+    d1 = LogDriver(InProcess(server), version=1)
+    assert d1.ctr(f"131072 disk {LONG} 1024").error == 0
