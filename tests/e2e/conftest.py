@@ -135,8 +135,7 @@ class E2E:
         """The guest's record of a scenario; fails the test unless every guest check passed."""
         run = self.boot(group)
         result = run.result
-        scenarios = (result or {}).get("scenarios", {})
-        assert isinstance(scenarios, dict)
+        scenarios: dict[str, Any] = (result or {}).get("scenarios", {})
         data = scenarios.get(name)
         if data is None or not data["ok"]:
             self.failed_groups.add(group)
@@ -147,9 +146,9 @@ class E2E:
         if os.environ.get("ULOGD_E2E_KEEP"):
             return
         for group, run in self.runs.items():
-            result = run.result or {}
-            all_ok = all(s.get("ok") for s in result.get("scenarios", {}).values())
-            complete = len(result.get("scenarios", {})) == len(GROUPS[group])
+            scenarios: dict[str, Any] = (run.result or {}).get("scenarios", {})
+            all_ok = all(s.get("ok") for s in scenarios.values())
+            complete = len(scenarios) == len(GROUPS[group])
             if all_ok and complete and group not in self.failed_groups:
                 shutil.rmtree(run.run_dir, ignore_errors=True)
 
@@ -176,8 +175,19 @@ def _failure_text(run: qemu.GuestRun, name: str, data: dict[str, Any] | None) ->
     return "\n".join(parts)
 
 
+_SESSION = E2E()
+
+
 @pytest.fixture(scope="session")
 def e2e() -> Iterator[E2E]:
-    session = E2E()
-    yield session
-    session.cleanup()
+    yield _SESSION
+    _SESSION.cleanup()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed e2e test keeps the run directories of every boot (host-side checks too)."""
+    report = yield
+    if report.failed and item.get_closest_marker("e2e"):
+        _SESSION.failed_groups.update(GROUPS)
+    return report

@@ -75,6 +75,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -586,12 +587,12 @@ class GuestRun:
     console: str
 
     @property
-    def result(self) -> dict[str, object] | None:
+    def result(self) -> dict[str, Any] | None:
         """``result.json`` written by a guest scenario script, if any."""
         path = self.run_dir / "result.json"
         if not path.exists():
             return None
-        loaded: dict[str, object] = json.loads(path.read_text())
+        loaded: dict[str, Any] = json.loads(path.read_text())
         return loaded
 
     def artefact(self, name: str) -> str:
