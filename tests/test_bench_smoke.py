@@ -1,0 +1,96 @@
+"""The in-process benchmarks run in their tiny ``--quick`` mode and write sane JSON.
+
+Keeps ``bench/`` from rotting: the scripts import the code they measure, so an API change
+breaks them here first.  fio_qemu.py (a QEMU boot) is not run; its analysis is checked on a
+made-up guest result.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["benchmark"] == script
+    assert data["machine"]["nproc"] >= 1 and len(data["machine"]["loadavg"]) == 3
+    return data
+
+
+def test_request_path(tmp_path: Path) -> None:
+    data = run_quick("request_path", tmp_path)
+    assert set(data["mixes"]) == {"resync", "write", "write-integrated"}
+    for mix in data["mixes"].values():
+        rates = mix["per_cpu_s"]["req_per_s"]
+        assert set(rates) == {"ulogd_shm", "ulogd_memory", "bare_decode", "minimal_loop"}
+        assert all(r > 1000 for r in rates.values()), rates
+        assert 0 < mix["per_cpu_s"]["shm_to_bare_decode"] < 2
+
+
+def test_transport_latency(tmp_path: Path) -> None:
+    data = run_quick("transport_latency", tmp_path)
+    for who in ("daemon", "echo"):
+        assert 0 < data[who]["p50_us"] <= data[who]["p99_us"] < 1e6
+    assert data["ratio_p50_us"] > 0
+
+
+def test_scale(tmp_path: Path) -> None:
+    data = run_quick("scale", tmp_path)
+    (mem,) = data["memory"]
+    assert mem["state_file_bits_per_region"] >= 2.0
+    assert 0 < mem["bits_per_region"] < 8 and mem["bytes_per_mark"] > 0
+    assert [r["fill"] for r in data["resync"]] == [0.0, 0.5, 0.99, 1.0]
+    assert all(r["next_calls_median_us"] > 0 for r in data["resync"])
+
+
+def test_disk_flush(tmp_path: Path) -> None:
+    data = run_quick("disk_flush", tmp_path)
+    mem = data["devices"]["memory-512"]
+    assert mem["ulogd"]["bytes_per_flush"] == 512  # one block per single-region flush
+    assert mem["whole_bitmap"]["bytes_per_flush"] == mem["io_size"]
+    assert mem["bytes_ratio"] < 1 / 100
+
+
+def test_fio_analysis_on_a_made_up_result() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import fio_qemu
+    finally:
+        sys.path.remove(str(BENCH))
+    stats = {
+        "requests": 600,
+        "requests_per_write": 6.0,
+        "receive_us_mean": 50.0,
+        "loop_us_per_datagram": 100.0,
+        "by_type": {"IN_SYNC": 200},
+        "wall_s": 1.0,
+    }
+    legs = []
+    for rnd in range(3):
+        for dev, iops in (("linear", 300), ("core", 200), ("ulogd", 100), ("ulogd-if", 120)):
+            leg: dict[str, Any] = {"round": rnd, "depth": 1, "device": dev, "iops": iops + rnd}
+            if dev.startswith("ulogd"):
+                leg["ulogd"] = stats
+            legs.append(leg)
+    out = fio_qemu.analyse({"legs": legs}, [1])
+    assert out["1"]["core"]["to_core"] == 1.0
+    assert out["1"]["ulogd"]["to_core"] == pytest.approx(101 / 201)
+    assert out["1"]["ulogd"]["requests_per_write"] == 6.0
+    assert out["1"]["ulogd"]["daemon_busy_fraction"] == pytest.approx(0.06)
