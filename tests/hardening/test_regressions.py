@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+import pytest
+
 from ulogd import disklog
 from ulogd.server import Server
 from ulogd.statefile import StateDir
@@ -44,3 +46,37 @@ def test_ctr_with_an_unnameable_long_device_is_refused_and_leaves_nothing(tmp_pa
     # protocol 1 takes no device name in the reply: accepted
     d1 = LogDriver(InProcess(server), version=1)
     assert d1.ctr(f"131072 disk {LONG} 1024").error == 0
+
+
+def _valid_group() -> tuple[object, object]:
+    from ulogd import ctr
+    from ulogd.cluster import group as g
+    from ulogd.regionlog import RegionLog, new_bitmaps
+
+    config = ctr.parse(b"1024 clustered-core 8")
+    rl = RegionLog(config, *new_bitmaps(config), local_node=1)
+    grp = g.Group(rl, (1, 100))
+    grp.confchg([(1, 100)], [], [(1, 100)])
+    assert grp.phase is g.Phase.VALID
+    return grp, rl
+
+
+def test_ops_message_with_a_short_set_sync_op_is_dropped_not_raised() -> None:
+    # Found by fuzz/fuzz_messages.py: an OPS body "05 00 00 00 00 00 00 00" (SET_SYNC, 0
+    # values) with valid CRCs decoded fine, and Group.deliver then raised IndexError on
+    # values[0] (the same for REMOTE_RECOVERING without its region).
+    import struct
+    import zlib
+
+    from ulogd.cluster import messages as m
+
+    for body in (struct.pack("<BBHI", 5, 0, 0, 0), struct.pack("<BBHIQ", 5, 0, 1, 0, 3),
+                 struct.pack("<BBHI", 6, 0, 0, 0)):  # fmt: skip
+        first = struct.pack("<IHHIII", m.MAGIC, m.VERSION, m.Kind.OPS, 24 + len(body),
+                            zlib.crc32(body), 0)  # fmt: skip
+        data = first + struct.pack("<I", zlib.crc32(first)) + body
+        with pytest.raises(m.MessageError, match="values"):
+            m.decode(data)
+        grp, _rl = _valid_group()
+        assert grp.deliver((1, 100), data) == []  # type: ignore[attr-defined]
+        assert grp.dropped == 1  # type: ignore[attr-defined]

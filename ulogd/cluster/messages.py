@@ -61,6 +61,9 @@ class Op(enum.IntEnum):
     REMOTE_RECOVERING = 6  # values: region
 
 
+#: ops that carry a fixed number of values (the group indexes them without checking)
+_ARITY = {Op.RESYNC_WORK: 0, Op.SET_SYNC: 2, Op.REMOTE_RECOVERING: 1}
+
 _OP = struct.Struct("<BBHI")
 _DONE = struct.Struct("<Qi")
 _CKPT = struct.Struct("<QIIH")
@@ -193,6 +196,8 @@ def _decode_ops(body: bytes) -> tuple[OpRecord, ...]:
             op = Op(kind)
         except ValueError:
             raise MessageError(f"unknown op {kind}") from None
+        if _ARITY.get(op, count) != count:
+            raise MessageError(f"op {op.name} with {count} values (expects {_ARITY[op]})")
         values = struct.unpack_from(f"<{count}Q", body, pos)
         pos += 8 * count
         ops.append(OpRecord(op, seq, values))
