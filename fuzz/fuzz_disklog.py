@@ -1,0 +1,6 @@
+"""atheris harness: fuzz/targets.py check_disklog (see fuzz/README.rst)."""
+
+from harness import main
+
+if __name__ == "__main__":
+    main("disklog")
