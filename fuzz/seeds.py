@@ -71,18 +71,18 @@ def seeds() -> dict[str, list[bytes]]:
         bytes([4, 0, 0, 1, 0, 12]) + _seq(1),  # CTR disk
         bytes([4, 0, 0, 5, 0, 0]) + _seq(2),  # RESUME
         bytes([4, 0, 0, 10, 0, 17]) + u(3) + u(5) + b"\1" + _seq(3),  # MARK 3 5
-        bytes([4, 0, 0, 9, 0, 16, 1]) + _seq(4),  # FLUSH
-        bytes([4, 0, 0, 7, 0, 16]) + u(3) + _seq(5),  # IS_CLEAN 3
+        bytes([4, 0, 0, 9, 0, 20, 1]) + _seq(4),  # FLUSH
+        bytes([4, 0, 0, 7, 0, 20]) + u(3) + _seq(5),  # IS_CLEAN 3
         bytes([4, 0, 0, 11, 0, 17]) + u(3) + u(5) + b"\1" + _seq(6),  # CLEAR 3 5
         bytes([4, 0, 0, 12, 0, 0]) + _seq(7),  # GET_RESYNC_WORK
-        bytes([4, 0, 0, 13, 0, 16]) + u(0) + b"\1" + _seq(8),  # SET_REGION_SYNC 0 1
+        bytes([4, 0, 0, 13, 0, 20]) + u(0) + b"\1" + _seq(8),  # SET_REGION_SYNC 0 1
         bytes([4, 0, 0, 15, 0, 0]) + _seq(9),  # STATUS_INFO
         bytes([4, 0, 0, 3, 0, 0]) + _seq(10),  # PRESUSPEND
         bytes([4, 0, 0, 4, 0, 0]) + _seq(11),  # POSTSUSPEND
         bytes([4, 0, 0, 2, 0, 0]) + _seq(12),  # DTR
     ]
     out["server"] += [b"".join(life), b"".join(life[:4]) + bytes([1, 1, 0]) + b"".join(life[2:]),
-                      b"".join(life[:3]) + bytes([2, 0, 0, 9, 0, 16, 1]) + _seq(4) + b"\0\0\0"]
+                      b"".join(life[:3]) + bytes([2, 0, 0, 9, 0, 20, 1]) + _seq(4) + b"\0\0\0"]
     return out
 
 
