@@ -49,7 +49,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "restart": ("sigstop", "kill9-writer", "restart-idle", "wiped-rundir", "shutdown"),
 }
 #: In-guest budget per boot (the guest's watchdog saves its artefacts and powers off then).
-BUDGET = {"basic": 600.0, "restart": 480.0}
+BUDGET = {"basic": 540.0, "restart": 600.0}
 BOOT_MARGIN = 120.0  # boot + power-off, on top of the budget, before the host kills QEMU
 
 
