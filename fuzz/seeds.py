@@ -45,8 +45,13 @@ def seeds() -> dict[str, list[bytes]]:
     rl.mark(1, [3, 4])
     rl.set_region_sync(1, 9, True)
     blob = ck.snapshot(rl, ck.GroupBook(5, ((1, 100), (2, 200)), ((3, 300, 4),)))
-    messages = [ops, m.encode_disk_done(7, 0), m.encode_checkpoint(3, 0, 1, (m.Target(2, 200, 3),),
-                blob), m.encode_merge(4, 0, 1, blob), m.encode_merge(0, 0, 0, b"")]  # fmt: skip
+    messages = [
+        ops,
+        m.encode_disk_done(7, 0),
+        m.encode_checkpoint(3, 0, 1, (m.Target(2, 200, 3),), blob),
+        targets.encode_merge(4, 0, 1, blob),
+        targets.encode_merge(0, 0, 0, b""),
+    ]
     out["messages"] += [b"\0" + msg for msg in messages]
     out["messages"] += [b"\1" + bytes([msg[6]]) + msg[24:] for msg in messages]
     out["group"] += [b"".join(bytes([i, len(msg) + 1, 0]) + msg for i, msg in
