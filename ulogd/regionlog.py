@@ -431,6 +431,19 @@ class RegionLog:
         self.members.discard(node)
         return lost
 
+    def lose_all_sync(self) -> None:
+        """Nothing about the legs can be trusted (a partition's writers vanished unseen):
+        every region is out of sync and not clean; recovery starts from the beginning."""
+        n = self.region_count
+        self.sync[:n] = 0
+        self.clean[:n] = 0
+        self.sync_count = 0
+        self.sync_search = 0
+        self.recovering = -1
+        self.recoverer = -1
+        self.full_write = self.has_disk
+        self.scalars_changed = True
+
     # ------------------------------------------------------------------ status
     def health(self) -> str:
         return "D" if self.disk_failed else "A"

@@ -32,8 +32,8 @@ def samples() -> list[bytes]:
         m.encode_disk_done(2**64 - 1, -5),
         m.encode_checkpoint(4, 1, 3, TARGETS, b"chunk bytes"),
         m.encode_checkpoint(0, 0, 1, (), b""),
-        m.encode_merge(3, 0, 2, b"state"),
-        m.encode_merge(0, 0, 0, b""),
+        m.encode_merge(3, 0, 2, TARGETS, b"state"),
+        m.encode_merge(0, 0, 0, TARGETS, b""),
     ]
 
 
@@ -44,8 +44,8 @@ def test_round_trips() -> None:
     ck = m.decode(m.encode_checkpoint(4, 1, 3, TARGETS, b"chunk bytes"))
     assert ck == m.CheckpointChunk(4, 1, 3, TARGETS, b"chunk bytes")
     assert ck.data == b"chunk bytes"  # not part of ==/repr
-    mg = m.decode(m.encode_merge(3, 1, 2, b"state"))
-    assert mg == m.MergeChunk(3, 1, 2, b"state") and mg.data == b"state"
+    mg = m.decode(m.encode_merge(3, 1, 2, TARGETS, b"state"))
+    assert mg == m.MergeChunk(3, 1, 2, TARGETS, b"state") and mg.data == b"state"
 
 
 @given(
@@ -59,7 +59,11 @@ def test_round_trips() -> None:
     )
 )
 def test_ops_round_trip_property(ops: list[tuple[m.Op, int, list[int]]]) -> None:
-    recs = tuple(m.OpRecord(op, seq, tuple(v)) for op, seq, v in ops)
+    arity = {m.Op.RESYNC_WORK: 0, m.Op.SET_SYNC: 2, m.Op.REMOTE_RECOVERING: 1}
+    recs = tuple(
+        m.OpRecord(op, seq, tuple([*v, 0, 0][: arity[op]] if op in arity else v))
+        for op, seq, v in ops
+    )
     assert m.decode(m.encode_ops(recs)) == m.Ops(recs)
 
 

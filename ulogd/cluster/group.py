@@ -121,9 +121,15 @@ Action = Answer | Multicast | WriteDisk | Ready | LeaveNow | Recover
 CHUNK_SIZE = 256 * 1024
 
 
+def _targets(members: set[MemberId] | tuple[MemberId, ...]) -> tuple[m.Target, ...]:
+    return tuple(m.Target(n, pid, 0) for n, pid in sorted(members))
+
+
 @dataclass
 class _Merge:
     expect: set[MemberId]
+    departed: set[MemberId] = field(default_factory=set)
+    pos: int = 0  # position of the latest event in the round (the merge change is 0)
     parts: dict[MemberId, int] = field(default_factory=dict)
     points: dict[MemberId, int] = field(default_factory=dict)
     chunks: dict[MemberId, dict[int, bytes]] = field(default_factory=dict)
@@ -168,6 +174,7 @@ class Group:
         self._assembly: _Assembly | None = None
         self._leaving: wire.Request | None = None
         self._merge: _Merge | None = None
+        self._changes = 0  # configuration changes seen since our own join
         #: regions this node held when its corosync connection was lost (marked again on rejoin)
         self.own_marks: list[int] = []
         self.dropped = 0  # corrupt or foreign messages
@@ -288,6 +295,7 @@ class Group:
             return self._merge_confchg(members_t, tuple(left), event)
         if nodeup and any(mm in members_t for mm in nodeup):
             return self._start_merge(members_t, tuple(left), tuple(joined), tuple(nodeup))
+        self._changes += 1
         if self.phase is Phase.JOINING:
             self._queue.append((self.index, event))
             self.members = members_t
@@ -323,12 +331,12 @@ class Group:
             parts = ck.split(ck.snapshot(self.log, book), self.chunk_size)
             self.in_flight += len(parts)
             actions += [
-                Multicast(m.encode_merge(self.index, i, len(parts), chunk))
+                Multicast(m.encode_merge(self.index, i, len(parts), _targets(members), chunk))
                 for i, chunk in enumerate(parts)
             ]
         else:
             self.in_flight += 1
-            actions.append(Multicast(m.encode_merge(0, 0, 0, b"")))
+            actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(members), b"")))
         return actions
 
     def _merge_confchg(
@@ -339,16 +347,18 @@ class Group:
         self.members = members
         self.log.members = {n for n, _ in members}
         for gone in left:
+            # Not waited for any more; a complete contribution still counts (its marks must be
+            # merged so that replaying this departure makes its regions lose sync).
             merge.expect.discard(gone)
-            merge.chunks.pop(gone, None)
-            merge.parts.pop(gone, None)
-        merge.queue.append(event)
+            merge.departed.add(gone)
+        merge.pos += 1
+        merge.queue.append((merge.pos, event))
         return self._merge_complete()
 
     def _merge_chunk(self, sender: MemberId, chunk: m.MergeChunk) -> list[Action]:
         merge = self._merge
         assert merge is not None
-        if sender not in merge.expect:
+        if sender not in merge.expect and sender not in merge.departed:
             return []
         merge.parts[sender] = chunk.parts
         merge.points[sender] = chunk.point
@@ -364,7 +374,17 @@ class Group:
             if parts is None or (parts and len(merge.chunks.get(member, {})) < parts):
                 return []
         self._merge = None
-        contributors = sorted(mm for mm in merge.expect if merge.parts[mm])
+
+        def complete(mm: MemberId) -> bool:
+            parts = merge.parts.get(mm)
+            return parts is not None and len(merge.chunks.get(mm, {})) >= parts
+
+        contributors = sorted(
+            mm for mm in merge.expect | merge.departed if merge.parts.get(mm) and complete(mm)
+        )
+        # A member that left before its contribution was complete may have held marks nobody
+        # else knows about: nothing it may have written can be trusted.
+        unknown = [mm for mm in merge.departed if not complete(mm)]
         actions: list[Action] = []
         if self.phase is Phase.VALID:
             others = []
@@ -380,8 +400,17 @@ class Group:
                     continue
                 others.append(replica)
             ck.merge_into(self.log, others)
+            if unknown:
+                log.error(
+                    "members %s left during a partition merge before their state "
+                    "arrived: every region is resynchronised",
+                    [n for n, _ in unknown],
+                )
+                self.log.lose_all_sync()
         self.index = max(merge.points.values(), default=0) + 1
-        self.valid = {mm for mm in contributors if mm in self.members}
+        # Departed contributors stay valid until the queued change that reports their departure
+        # is replayed below: it applies node_departed to their marks like any departure.
+        self.valid = set(contributors)
         self.joiners = {}
         if self.phase is Phase.VALID:
             rl = self.log
@@ -389,12 +418,16 @@ class Group:
                 rl.take_disk_work()  # full rewrite by the (possibly new) server
                 if self.disk_server == self.me[0]:
                     actions.append(WriteDisk(None, self.index))
-            for event in merge.queue:
-                self.index += 1
-                actions += self._replay(self.index, event)
-            for member in self.members:
-                if member not in self.valid:
-                    self.joiners[member] = self.index
+            # Every event of the round has its position: the merge change is the merged
+            # group's index ``base`` and each later event ``base + position`` — the numbering
+            # members that joined during the round use too.
+            base = self.index - 1
+            for pos, event in merge.queue:
+                actions += self._replay(base + pos, event)
+            self.index = base + merge.pos
+            for member in merge.expect:
+                if member in self.members and member not in self.valid:
+                    self.joiners.setdefault(member, self.index)  # took part without state
             actions += self._checkpoint_duty()
         else:
             # Still without state: the merged group's checkpoint comes later, counted from here.
@@ -453,8 +486,10 @@ class Group:
                     actions.append(Recover(lost))
                     log.warning(
                         "member %d left holding %d marked region(s): they lose sync and will "
-                        "be recovered", member[0], len(lost),
-                    )  # fmt: skip
+                        "be recovered",
+                        member[0],
+                        len(lost),
+                    )
         for member in joined:
             if member != self.me and member not in self.valid:
                 self.joiners[member] = self.index
@@ -491,9 +526,10 @@ class Group:
         point = self.index
         targets = tuple(m.Target(n, pid, at) for (n, pid), at in sorted(self.joiners.items()))
         book = ck.GroupBook(
-            point, tuple(sorted(self.valid)),
+            point,
+            tuple(sorted(self.valid)),
             tuple((n, pid, at) for (n, pid), at in sorted(self.joiners.items())),
-        )  # fmt: skip
+        )
         parts = ck.split(ck.snapshot(self.log, book), self.chunk_size)
         self.in_flight += len(parts)
         return [
@@ -516,17 +552,26 @@ class Group:
         if mine:
             self.in_flight = max(0, self.in_flight - 1)
         actions: list[Action] = []
-        if isinstance(message, m.MergeChunk):
-            if self._merge is None and self.phase is Phase.JOINING:
-                # The others took our arrival for a partition merge (our node came back): say
-                # we hold no state, so the round can complete without us.
-                self._merge = _Merge(expect=set(self.members))
+        if isinstance(message, m.MergeChunk) and (
+            self._merge is not None
+            or (
+                self.phase is Phase.JOINING
+                and any((t.nodeid, t.pid) == self.me for t in message.members)
+            )
+        ):
+            if self._merge is None:
+                # The change that admitted us was a partition merge for the others (our node
+                # came back): take part, saying we hold no state, so the round can complete.
+                expect = {(t.nodeid, t.pid) for t in message.members}
+                self._merge = _Merge(expect=expect & set(self.members))
                 self.in_flight += 1
-                actions.append(Multicast(m.encode_merge(0, 0, 0, b"")))
-            if self._merge is not None:
-                actions += self._merge_chunk(sender, message)
+                actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(expect), b"")))
+                self._merge.pos = self.index - 1  # our join was the merge change (position 0)
+            self._merge.pos += 1
+            actions += self._merge_chunk(sender, message)
         elif self._merge is not None:
-            self._merge.queue.append(("message", sender, message))
+            self._merge.pos += 1
+            self._merge.queue.append((self._merge.pos, ("message", sender, message)))
         elif self.phase is Phase.JOINING:
             done = self._collect(message) if isinstance(message, m.CheckpointChunk) else None
             if done is None:
@@ -554,10 +599,15 @@ class Group:
     def _apply(self, sender: MemberId, message: m.Message) -> list[Action]:
         if isinstance(message, m.CheckpointChunk):
             return self._count_chunk(message)
+        if isinstance(message, m.MergeChunk):
+            return []  # a round this member was not part of (it joined after it began)
         if sender not in self.valid:
             self.dropped += 1
-            log.error("dropped a message from node %d pid %d: not a member holding state",
-                      sender[0], sender[1])  # fmt: skip
+            log.error(
+                "dropped a message from node %d pid %d: not a member holding state",
+                sender[0],
+                sender[1],
+            )
             return []
         if isinstance(message, m.DiskDone):
             return self._disk_done(message)

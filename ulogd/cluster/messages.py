@@ -113,6 +113,7 @@ class MergeChunk:
     point: int  # the sender's own delivery index at the merge change
     part: int
     parts: int
+    members: tuple[Target, ...]  # the merge change's membership: who must contribute
     data: bytes = field(repr=False)
 
 
@@ -145,8 +146,12 @@ def encode_checkpoint(
     return _frame(Kind.CHECKPOINT, body)
 
 
-def encode_merge(point: int, part: int, parts: int, data: bytes) -> bytes:
-    return _frame(Kind.MERGE, _CKPT.pack(point, part, parts, 0) + data)
+def encode_merge(
+    point: int, part: int, parts: int, members: tuple[Target, ...], data: bytes
+) -> bytes:
+    head = _CKPT.pack(point, part, parts, len(members))
+    body = head + b"".join(_TARGET.pack(t.nodeid, t.pid, t.joined_at) for t in members)
+    return _frame(Kind.MERGE, body + data)
 
 
 def decode(data: bytes) -> Message:
@@ -175,10 +180,8 @@ def decode(data: bytes) -> Message:
         if kind == Kind.CHECKPOINT:
             return _decode_checkpoint(body)
         if kind == Kind.MERGE:
-            point, part, parts, _n = _CKPT.unpack_from(body)
-            if parts and not 0 <= part < parts:
-                raise MessageError(f"merge part {part} of {parts}")
-            return MergeChunk(point, part, parts, bytes(body[_CKPT.size :]))
+            chunk = _decode_checkpoint(body, allow_empty=True, what="merge")
+            return MergeChunk(chunk.point, chunk.part, chunk.parts, chunk.targets, chunk.data)
     except struct.error as exc:
         raise MessageError(f"truncated {Kind(kind).name} body: {exc}") from None
     raise MessageError(f"unknown message type {kind}")
@@ -204,13 +207,15 @@ def _decode_ops(body: bytes) -> tuple[OpRecord, ...]:
     return tuple(ops)
 
 
-def _decode_checkpoint(body: bytes) -> CheckpointChunk:
+def _decode_checkpoint(
+    body: bytes, allow_empty: bool = False, what: str = "checkpoint"
+) -> CheckpointChunk:
     point, part, parts, ntargets = _CKPT.unpack_from(body)
     pos = _CKPT.size
     targets = []
     for _ in range(ntargets):
         targets.append(Target(*_TARGET.unpack_from(body, pos)))
         pos += _TARGET.size
-    if not 0 <= part < parts:
-        raise MessageError(f"checkpoint part {part} of {parts}")
+    if not 0 <= part < parts and not (allow_empty and parts == 0 and part == 0):
+        raise MessageError(f"{what} part {part} of {parts}")
     return CheckpointChunk(point, part, parts, tuple(targets), bytes(body[pos:]))
