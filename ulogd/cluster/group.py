@@ -142,6 +142,7 @@ class _Assembly:
     parts: int
     joined_at: int
     chunks: dict[int, bytes] = field(default_factory=dict)
+    sender: MemberId = (0, 0)  # points are per sender's numbering: never mix two senders
 
 
 class Group:
@@ -573,7 +574,9 @@ class Group:
             self._merge.pos += 1
             self._merge.queue.append((self._merge.pos, ("message", sender, message)))
         elif self.phase is Phase.JOINING:
-            done = self._collect(message) if isinstance(message, m.CheckpointChunk) else None
+            done = (
+                self._collect(message, sender) if isinstance(message, m.CheckpointChunk) else None
+            )
             if done is None:
                 self._queue.append((self.index, ("message", sender, message)))
             else:
@@ -593,12 +596,12 @@ class Group:
         sender, message = rest
         self.index = idx
         if isinstance(message, m.CheckpointChunk):
-            return self._count_chunk(message)
+            return self._count_chunk(message, sender)
         return self._apply(sender, message)
 
     def _apply(self, sender: MemberId, message: m.Message) -> list[Action]:
         if isinstance(message, m.CheckpointChunk):
-            return self._count_chunk(message)
+            return self._count_chunk(message, sender)
         if isinstance(message, m.MergeChunk):
             return []  # a round this member was not part of (it joined after it began)
         if sender not in self.valid:
@@ -665,8 +668,10 @@ class Group:
         return actions
 
     # ------------------------------------------------------------------ checkpoints
-    def _count_chunk(self, chunk: m.CheckpointChunk) -> list[Action]:
-        if self.sender is None or chunk.point != self.ckpt_point:
+    def _count_chunk(self, chunk: m.CheckpointChunk, sender: MemberId) -> list[Action]:
+        # Points are in the sender's numbering: a stale chunk of another sender may carry the
+        # same point (a new master replaying a departed elder's chunks), so check both.
+        if self.sender is None or chunk.point != self.ckpt_point or sender != self.sender:
             return []  # a checkpoint abandoned when its sender left
         self.ckpt_delivered += 1
         if self.ckpt_delivered < chunk.parts:
@@ -683,13 +688,14 @@ class Group:
         actions = self._server_moved(old_server)
         return actions + self._checkpoint_duty()  # joiners that arrived meanwhile
 
-    def _collect(self, chunk: m.CheckpointChunk) -> list[Action] | None:
+    def _collect(self, chunk: m.CheckpointChunk, sender: MemberId) -> list[Action] | None:
         target = next((t for t in chunk.targets if (t.nodeid, t.pid) == self.me), None)
         if target is None:
             return None
         a = self._assembly
-        if a is None or a.point != chunk.point:
+        if a is None or a.point != chunk.point or a.sender != sender:
             a = self._assembly = _Assembly(chunk.point, chunk.parts, target.joined_at)
+            a.sender = sender
         a.chunks[chunk.part] = chunk.data
         if len(a.chunks) < a.parts:
             return None
@@ -718,7 +724,7 @@ class Group:
             if absolute > book.index:
                 actions += self._replay(absolute, event)
         self.index = final_index
-        actions += self._count_chunk(chunk)  # the final chunk itself, as everybody counts it
+        actions += self._count_chunk(chunk, sender)  # the final chunk, as everybody counts it
         return actions
 
     # ------------------------------------------------------------------ leaving
