@@ -356,3 +356,28 @@ def test_direct_mode_only_alone_and_idle() -> None:
     vg.crash(b, at=len(vg.queue))
     vg.run()
     assert a.group.direct
+
+
+def test_new_master_ignores_a_departed_elders_chunks_with_the_same_point() -> None:
+    """Checkpoint points are in the sender's numbering.  Joiners 3 and 5 get part of elder 1's
+    checkpoint (point 3); 1 crashes; 3 becomes master at its own index 3 and replays 1's queued
+    chunks: they must not count as its own checkpoint's (found by test_group_model)."""
+    vg = VirtualGroup()
+    a = SimNode(1, CORE, chunk_size=24)
+    vg.join(a)
+    vg.run()
+    vg.request(a, T.GET_RESYNC_WORK)
+    vg.request(a, T.GET_RESYNC_WORK)
+    vg.run()
+    assert a.group is not None and a.group.index == 2
+    c, e = SimNode(3, CORE, chunk_size=24), SimNode(5, CORE, chunk_size=24)
+    vg.change(joined=[c, e])
+    vg.deliver_one()
+    assert a.group.ckpt_point == 3 and len(vg.queue) >= 3
+    vg.deliver_one()
+    vg.deliver_one()  # two chunks of a's snapshot
+    vg.crash(a, at=0)  # the rest are lost
+    vg.run()
+    assert c.master is True and e.ready and e.master is False
+    identical(c, e)
+    assert c.group is not None and e.group is not None and c.group.valid == e.group.valid

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from bitarray import bitarray
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ulogd.cluster import group as g
@@ -96,6 +96,7 @@ class World:
         self.crashed: list[SimNode] = []
         self.events = 0
         self.trace: list[str] = []
+        self.held_raise: dict[tuple[int, int], set[int]] = {}
 
     # -- helpers -------------------------------------------------------------------------
     def comp_of(self, node: SimNode) -> VirtualGroup | None:
@@ -331,6 +332,11 @@ class World:
             if isinstance(msg, m.Ops) and any(o.op is m.Op.CLEAR for o in msg.ops):
                 raise Violation(f"node {event.sender.nodeid} multicast a CLEAR without quorum")
         raised = self._sync_set_by(event)
+        # A merge round holds the events delivered during it and applies them when it completes:
+        # a SET_REGION_SYNC delivered in the round may raise a sync bit at its completion.
+        for n in vg.view:
+            if n.group is not None and n.group._merge is not None:
+                self.held_raise.setdefault(n.member, set()).update(raised)
         for n in holding:
             rl = n.log
             assert rl is not None and n.group is not None
@@ -355,7 +361,8 @@ class World:
             prev = self.prev.get(n.member)
             if prev is not None and prev.valid:
                 up = [r for r in range(k_) if rl.sync[r] and not prev.sync[r]]
-                bad = [r for r in up if r not in raised]
+                allowed = raised | self.held_raise.pop(n.member, set())
+                bad = [r for r in up if r not in allowed]
                 if bad:
                     raise Violation(
                         f"node {n.nodeid}: regions {bad} became in sync at "
@@ -489,7 +496,7 @@ def run_schedule(
 
 
 STEP = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255))
-SCHEDULE = st.lists(STEP, max_size=120)
+SCHEDULE = st.lists(STEP, min_size=10, max_size=120)
 
 CTRS = {
     "core-nosync": f"{REGIONS * 64} clustered-core 64 nosync",
@@ -500,14 +507,14 @@ CTRS = {
 
 def _run_property(
     name: str, examples: int, *, partitions: bool, fail_writes: bool, ctr_key: str,
-    known: list[list[Step]] = (),  # type: ignore[assignment]
+    derandomize: bool = False, shrink: bool = True,
 ) -> tuple[int, int, float]:  # fmt: skip
     count = [0, 0]
 
     @settings(
-        max_examples=examples, deadline=None, database=None,
+        max_examples=examples, deadline=None, database=None, derandomize=derandomize,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        phases=[Phase.explicit, Phase.generate, *([Phase.shrink] if shrink else [])],
     )  # fmt: skip
     @given(SCHEDULE)
     def prop(steps: list[Step]) -> None:
@@ -517,8 +524,6 @@ def _run_property(
         count[0] += 1
         count[1] += w.events
 
-    for steps in known:
-        prop = example(steps)(prop)
     start = time.perf_counter()
     prop()
     return count[0], count[1], time.perf_counter() - start
@@ -548,28 +553,20 @@ def test_random_schedules_slow(ctr_key: str, capsys: pytest.CaptureFixture[str])
     assert res[0] >= 10_000
 
 
-KNOWN_PARTITION_FAILURE: list[Step] = [
-    (138, 0, 0), (246, 69, 0), (140, 102, 0), (251, 0, 0), (194, 0, 0)
-]
-PARTITION_SCHEDULE = (
-    "join [1,2]; partition [2]; join [3,5] on 2's side; n2 FLUSH[0]; merge; partition [5] "
-    "while the merge round is still collecting contributions"
-)
-
-
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "open design question (merge rounds, ulogd/cluster/group.py _merge_complete): when a "
-        "partition removes members while a merge round is collecting contributions, the round "
-        "completes with valid = contributors still present, so the queued change reporting the "
-        "departures finds the departed holders not valid and skips node_departed: a region a "
-        "departed member held stays in sync. Minimal schedule: " + PARTITION_SCHEDULE
+        "open design question, partition merges (ulogd/cluster/group.py merge rounds, being "
+        "reworked concurrently): schedules with partitions and merges break the invariants — "
+        "at HEAD 151e553 a departure during a merge round kept a departed holder's regions in "
+        "sync (join [1,2]; partition [2]; join [3,5] on 2's side; n2 FLUSH[0]; merge; partition "
+        "[5] mid-round); with the working-tree rework, regions become in sync at a MergeChunk "
+        "without any SET_REGION_SYNC and a member can stay without state"
     ),
 )
 def test_random_schedules_with_partitions(capsys: pytest.CaptureFixture[str]) -> None:
     res = _run_property(
         "partitions", 300, partitions=True, fail_writes=False, ctr_key="core-nosync",
-        known=[KNOWN_PARTITION_FAILURE],
+        derandomize=True, shrink=False,  # an expected failure: do not spend minutes shrinking
     )
     _report(capsys, "model partitions", res)
