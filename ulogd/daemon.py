@@ -20,6 +20,7 @@ directions, through a buffered writer that never blocks the reply path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -52,6 +53,16 @@ from ulogd.transport import Transport
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class DiskCounts:
+    """What retired workers counted (the metrics are counters: they must not go back)."""
+
+    reads: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+
+
 class DiskWorker:
     """Performs one device's I/O in order, off the event loop."""
 
@@ -74,6 +85,10 @@ class DiskWorker:
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
+
+    def retire(self) -> None:
+        """Exit once the queued jobs are done (their results are still reported)."""
+        self._jobs.put(None)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -118,6 +133,7 @@ class Daemon:
         )
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._workers: dict[int, DiskWorker] = {}
+        self._retired = DiskCounts()
         self._stop = False
         self._signals: list[int] = []
         self._pidfile: int | None = None
@@ -159,8 +175,8 @@ class Daemon:
         """Perform actions produced outside a request (cluster events, timers)."""
         self._execute(actions)
 
-    def disk_workers(self) -> list[DiskWorker]:
-        return list(self._workers.values())
+    def disk_workers(self) -> list[DiskWorker | DiskCounts]:
+        return [*self._workers.values(), self._retired]
 
     # ------------------------------------------------------------------ set-up
     def lock_run_dir(self) -> None:
@@ -287,11 +303,27 @@ class Daemon:
             else:
                 worker = self._workers.get(id(action.device))
                 if worker is None:
+                    self._retire_workers()
                     worker = DiskWorker(action.device, self._done, self._wake)
                     self._workers[id(action.device)] = worker
                 if started:
                     self._io_started[action.token] = started
                 worker.submit(action)
+
+    def _retire_workers(self) -> None:
+        """Let the workers of devices no log uses any more (DTR, reload) finish their queued
+        jobs and exit: one thread per device ever opened would pile up for good."""
+        if len(self._workers) < len(self.server.logs):
+            return
+        in_use = {id(e.device) for e in self.server.logs.values() if e.device is not None}
+        for key in [k for k in self._workers if k not in in_use]:
+            worker = self._workers.pop(key)
+            worker.retire()  # its log is gone, so are its jobs: the counts are final
+            total = self._retired
+            total.reads += worker.reads
+            total.writes += worker.writes
+            total.bytes_written += worker.bytes_written
+            total.errors += worker.errors
 
     def _cycle(self, key: tuple[str, int]) -> None:
         """Suspend/resume the local mirror(s) using this log, without blocking the loop."""
