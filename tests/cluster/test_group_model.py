@@ -537,10 +537,10 @@ def _report(capsys: pytest.CaptureFixture[str], name: str, res: tuple[int, int, 
 @pytest.mark.parametrize("ctr_key", list(CTRS))
 def test_random_schedules(ctr_key: str, capsys: pytest.CaptureFixture[str]) -> None:
     res = _run_property(
-        ctr_key, 150, partitions=False, fail_writes=ctr_key.startswith("disk"), ctr_key=ctr_key
+        ctr_key, 300, partitions=False, fail_writes=ctr_key.startswith("disk"), ctr_key=ctr_key
     )
     _report(capsys, f"model {ctr_key}", res)
-    assert res[0] >= 100
+    assert res[0] >= 300
 
 
 @pytest.mark.slow
@@ -553,20 +553,40 @@ def test_random_schedules_slow(ctr_key: str, capsys: pytest.CaptureFixture[str])
     assert res[0] >= 10_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open design question, partition merges (ulogd/cluster/group.py merge rounds, being "
-        "reworked concurrently): schedules with partitions and merges break the invariants — "
-        "at HEAD 151e553 a departure during a merge round kept a departed holder's regions in "
-        "sync (join [1,2]; partition [2]; join [3,5] on 2's side; n2 FLUSH[0]; merge; partition "
-        "[5] mid-round); with the working-tree rework, regions become in sync at a MergeChunk "
-        "without any SET_REGION_SYNC and a member can stay without state"
-    ),
-)
 def test_random_schedules_with_partitions(capsys: pytest.CaptureFixture[str]) -> None:
     res = _run_property(
         "partitions", 300, partitions=True, fail_writes=False, ctr_key="core-nosync",
-        derandomize=True, shrink=False,  # an expected failure: do not spend minutes shrinking
-    )
+        derandomize=True,
+    )  # fmt: skip
     _report(capsys, "model partitions", res)
+    assert res[0] >= 300
+
+
+@pytest.mark.slow
+def test_random_schedules_with_partitions_slow(capsys: pytest.CaptureFixture[str]) -> None:
+    res = _run_property(
+        "partitions", 10_000, partitions=True, fail_writes=False, ctr_key="core-nosync"
+    )
+    _report(capsys, "model --slow partitions", res)
+    assert res[0] >= 10_000
+
+
+#: join [1,2]; 1 suspends (leaving after its checkpoint to 2); partition [2]; 3 joins on 1's
+#: side; merge; 4 and 5 join while the merge round runs.
+KNOWN_MERGE_FAILURE: list[Step] = [
+    (66, 0, 0), (221, 0, 0), (250, 0, 0), (22, 26, 0), (27, 0, 0), (50, 0, 0),
+]  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "open design question, partition merges (ulogd/cluster/group.py merge rounds): a member "
+        "that was still JOINING on its side when the partitions merged, a graceful leave during "
+        "the round and joiners arriving during it leave node 2 with a checkpoint duty for a "
+        "member the others no longer count as a joiner (joiners/sender differ after the round)"
+    ),
+)
+def test_partition_merge_known_failure() -> None:
+    run_schedule(KNOWN_MERGE_FAILURE, ctr_text=CTRS["core-nosync"], partitions=True)
