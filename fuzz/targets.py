@@ -259,7 +259,7 @@ def check_checkpoint(data: bytes) -> None:
         assert str(exc)
         assert (rl.clean.tobytes(), rl.sync.tobytes()) == before, "failed restore touched state"
         return
-    _check_regionlog(rl, strict_clean=False)
+    _check_regionlog(rl)
     # the restored replica must serve every request without raising
     for node in (1, 2):
         rl.get_resync_work(node)
@@ -284,6 +284,8 @@ def _check_regionlog(rl: RegionLog, *, strict_clean: bool = True) -> None:
         assert not rl.clean[r], f"region {r} marked and clean"
     if strict_clean:
         assert not (rl.clean[:n] & ~rl.sync[:n]).any(), "a region clean but out of sync"
+    assert -1 <= rl.recovering < n, f"recovering {rl.recovering} outside the log"
+    assert 0 <= rl.sync_search <= n + 1, f"search position {rl.sync_search} outside the log"
 
 
 # ---------------------------------------------------------------------------------- disk log

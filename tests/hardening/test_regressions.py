@@ -120,3 +120,53 @@ def test_disk_workers_of_removed_logs_exit(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=15)
         soak.close()
+
+
+CHECKPOINT_CRASH = bytes.fromhex(
+    "e61a15e6e6e6e6ffffffffff01ff5be6e6e60000000000000000000012e6e600"
+    "ffffffffffffff35e6e60000000000000000000000"
+)
+
+
+def test_snapshot_with_a_held_clean_region_is_refused() -> None:
+    # Found by fuzz/fuzz_checkpoint.py (input above: a framed snapshot whose holder list names
+    # region 0 while its clean bit is set): checkpoint.restore accepted states no replica can
+    # be in (held or out-of-sync regions clean, recovery/search positions outside the log),
+    # which would have answered IS_CLEAN = 1 for a region being written.
+    import struct
+    import zlib
+
+    from fuzz import targets
+    from ulogd import ctr
+    from ulogd.cluster import checkpoint as ck
+    from ulogd.regionlog import RegionLog, new_bitmaps
+
+    targets.check_checkpoint(CHECKPOINT_CRASH)  # restore refuses it, untouched
+    config = ctr.parse(b"1024 clustered-core 8 nosync")  # 128 regions, all clean
+    rl = RegionLog(config, *new_bitmaps(config), local_node=1)
+    blob = ck.snapshot(rl, ck.GroupBook(1, ((1, 10),), ()))
+    raw = zlib.decompress(blob)
+    head = struct.Struct("<4sIQQQqqIIIIIIQI")
+    fields = list(head.unpack_from(raw))
+    body = raw[head.size :]
+    nbytes = 16  # bytes per bitmap of 128 regions
+
+    def forge(new_body: bytes, **changes: int) -> bytes:
+        f = list(fields)
+        for name, value in changes.items():
+            f[{"nholders": 8, "recovering": 6, "search": 5}[name]] = value
+        f[13], f[14] = len(new_body), zlib.crc32(new_body)
+        return zlib.compress(head.pack(*f) + new_body)
+
+    holder = struct.pack("<QHI", 3, 1, 2)  # region 3 held by node 2: clean in the bitmaps
+    out_of_sync = bytes([0xFF] * nbytes) + bytes(nbytes) + body[2 * nbytes :]  # clean, !sync
+    for forged in (
+        forge(body[: 2 * nbytes] + holder + body[2 * nbytes :], nholders=1),
+        forge(body, recovering=128),
+        forge(body, search=-4),
+        forge(out_of_sync),
+    ):
+        target = RegionLog(config, *new_bitmaps(config), local_node=1)
+        with pytest.raises(ck.CheckpointError, match="inconsistent"):
+            ck.restore(target, forged)
+    assert ck.restore(RegionLog(config, *new_bitmaps(config), local_node=1), blob).index == 1

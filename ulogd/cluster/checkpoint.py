@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from ulogd.regionlog import RegionLog
+from ulogd.regionlog import CHUNK_SHIFT, RegionLog
 
 _HEAD = struct.Struct("<4sIQQQqqIIIIIIQI")
 _MAGIC = b"UCK1"
@@ -122,6 +122,16 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
         raise CheckpointError(f"snapshot body truncated: {exc}") from None
     if pos != len(body) or any(r >= n for r in holders) or any(r >= n for r in priority):
         raise CheckpointError("snapshot body inconsistent")
+    # What no replica can be in: a held or out-of-sync region clean, a recovery or search
+    # position outside the log, a disk chunk past its end.
+    if (
+        any(clean[r] for r in holders)
+        or (clean[:n] & ~sync[:n]).any()
+        or not -1 <= recovering < n
+        or not 0 <= search <= n + 1
+        or any(c > (n - 1) >> CHUNK_SHIFT for c in dirty)
+    ):
+        raise CheckpointError("snapshot state inconsistent")
     rl.clean[:n] = clean[:n]
     rl.sync[:n] = sync[:n]
     rl.sync_count = rl.sync.count(1, 0, n)
