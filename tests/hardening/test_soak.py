@@ -10,9 +10,10 @@ created and removed with fresh uuids (CTR … DTR, half of them disk logs); the 
 socket's ``status`` and the Prometheus endpoint scraped as an operator's tools would.
 
 Every reply is checked (no error where none is due, held regions never clean).  RSS and the
-descriptor count are sampled every few seconds; after a warm-up (the first 10 % of the
+descriptor and thread counts are sampled every few seconds; after a warm-up (the first 10 % of the
 samples) the last quarter's mean RSS must stay within 5 % (at least 2 MiB) of the first
-quarter's, and the last quarter's descriptor count never exceed the first quarter's maximum.
+quarter's, and the last quarter's descriptor and thread counts never exceed the first
+quarter's maxima.
 The figures are printed and, with ``ULOGD_SOAK_REPORT=path``, written as JSON.
 """
 
@@ -61,6 +62,17 @@ def _rss_kib(pid: int) -> int:
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads")
+
+
+def _sample(pid: int, t: float) -> tuple[float, int, int, int]:
+    return (round(t, 2), _rss_kib(pid), _fds(pid), _threads(pid))
 
 
 class Soak:
@@ -250,16 +262,16 @@ def soak(base: Path, seconds: float, sample_every: float) -> dict[str, object]:
         raise
     try:
         s.setup()
-        samples: list[tuple[float, int, int]] = []
+        samples: list[tuple[float, int, int, int]] = []
         start = time.monotonic()
         next_sample = start
         while (now := time.monotonic()) < start + seconds:
             if now >= next_sample:
-                samples.append((now - start, _rss_kib(proc.pid), _fds(proc.pid)))
+                samples.append(_sample(proc.pid, now - start))
                 next_sample += sample_every
             s.step()
             assert proc.poll() is None, "the daemon died"
-        samples.append((time.monotonic() - start, _rss_kib(proc.pid), _fds(proc.pid)))
+        samples.append(_sample(proc.pid, time.monotonic() - start))
     finally:
         proc.terminate()
         try:
@@ -276,12 +288,14 @@ def soak(base: Path, seconds: float, sample_every: float) -> dict[str, object]:
         "mix": dict(sorted(s.counts.items())),
         "samples": len(samples),
         "rss_kib_start": samples[0][1],
-        "rss_kib_first_quarter_mean": round(statistics.mean(r for _, r, _ in first)),
-        "rss_kib_last_quarter_mean": round(statistics.mean(r for _, r, _ in last)),
-        "rss_kib_max": max(r for _, r, _ in samples),
-        "fds_first_quarter_max": max(f for _, _, f in first),
-        "fds_last_quarter_max": max(f for _, _, f in last),
-        "fds_max": max(f for _, _, f in samples),
+        "rss_kib_first_quarter_mean": round(statistics.mean(x[1] for x in first)),
+        "rss_kib_last_quarter_mean": round(statistics.mean(x[1] for x in last)),
+        "rss_kib_max": max(x[1] for x in samples),
+        "fds_first_quarter_max": max(x[2] for x in first),
+        "fds_last_quarter_max": max(x[2] for x in last),
+        "fds_max": max(x[2] for x in samples),
+        "threads_first_quarter_max": max(x[3] for x in first),
+        "threads_last_quarter_max": max(x[3] for x in last),
         "exit_status": proc.returncode,
     }
     print(f"\nsoak summary: {json.dumps(summary)}")
@@ -300,5 +314,6 @@ def test_soak_memory_and_descriptors_stay_flat(tmp_path: Path) -> None:
     assert isinstance(first, int) and isinstance(last, int)
     assert last <= first + max(first * 0.05, 2048), f"RSS grew: {summary}"
     assert summary["fds_last_quarter_max"] <= summary["fds_first_quarter_max"], summary  # type: ignore[operator]
+    assert summary["threads_last_quarter_max"] <= summary["threads_first_quarter_max"], summary  # type: ignore[operator]
     assert summary["exit_status"] == 0, f"unclean exit on SIGTERM: {summary}"
     assert summary["mix"]["life cycle"] > 0 and summary["mix"]["reload"] > 0  # type: ignore[index]
