@@ -22,7 +22,9 @@ virtual machine:
   ``guest/initramfs-init.sh``.  That script mounts the read-only root image, puts a tmpfs
   overlay on top, mounts the checkout read-write over virtio-9p at the *same absolute path* as
   on the host and ``switch_root`` into ``guest/init.sh`` of the checkout (read live, so
-  editing it needs no rebuild).
+  editing it needs no rebuild).  The checkout is mounted with ``cache=loose``: a boot does
+  not see host edits made while it runs, and its own writes (results, ``__pycache__``, which
+  git ignores) reach the host when it syncs before powering off.
 * **Guest root.**  ``debootstrap --variant=minbase bookworm`` from the host's own Debian
   mirror (read from the apt sources) with python3, dmsetup, fio, corosync, ... .  The tree,
   the kernel's modules and the Python dependencies are packed into one ext4 image attached
@@ -411,7 +413,7 @@ class _Cpio:
 
 
 def build_initramfs(kernel: Kernel) -> Path:
-    """Write (cached) the busybox initramfs that mounts the 9p root."""
+    """Write (cached) the busybox initramfs that mounts the root image and the 9p checkout."""
     init = (GUEST_DIR / "initramfs-init.sh").read_bytes()
     busybox = Path("/bin/busybox")
     modules = _module_closure(kernel, INITRAMFS_MODULES)
