@@ -150,7 +150,7 @@ class E2E:
         for group, run in self.runs.items():
             scenarios: dict[str, Any] = (run.result or {}).get("scenarios", {})
             all_ok = all(s.get("ok") for s in scenarios.values())
-            complete = len(scenarios) == len(GROUPS[group])
+            complete = len(scenarios) == len(GROUPS.get(group, ()))
             if all_ok and complete and group not in self.failed_groups:
                 shutil.rmtree(run.run_dir, ignore_errors=True)
 
@@ -192,4 +192,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if report.failed and item.get_closest_marker("e2e"):
         _SESSION.failed_groups.update(GROUPS)
+        for group, run in _SESSION.runs.items():
+            report.sections.append(
+                (f"e2e boot {group!r}", f"{run.describe(40)}\n---- ulogd.log (tail) ----\n"
+                 + _tail(run.artefact("ulogd.log"), 40))
+            )  # fmt: skip
     return report
