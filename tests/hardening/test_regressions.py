@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,13 @@ def test_disk_workers_of_removed_logs_exit(tmp_path: Path) -> None:
     # until thread creation fails).  Workers of devices no log uses are now retired, and the
     # disk metrics (counters) keep what they counted.
     import re
+    import shutil
     import urllib.request
 
     from tests.hardening.test_soak import Soak
 
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup: the daemon takes block devices only")
     soak = Soak(tmp_path)
     proc = soak.start()
     try:
