@@ -92,6 +92,29 @@ def campaign(name: str, work: Path, explore: int, runs: int) -> None:
         run_phase(name, work, True, 0, runs)
 
 
+def report(work: Path) -> str:
+    """An RST table of ``results.jsonl``: per target the exploration and bulk phases."""
+    rows: dict[str, dict[str, dict[str, object]]] = {}
+    for line in (work / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.setdefault(r["target"], {})[r["phase"]] = r  # the last run of a phase counts
+    head = ("target", "explore inputs", "s", "corpus", "bulk inputs", "s", "per s", "crashes")
+    out = [head]
+    for name in ORDER:
+        e, b = rows.get(name, {}).get("explore", {}), rows.get(name, {}).get("bulk", {})
+        crashes = len(e.get("crashes", [])) + len(b.get("crashes", []))  # type: ignore[arg-type]
+        out.append((name, f"{e.get('inputs', 0):,}", str(e.get("seconds", "-")),
+                    str(e.get("corpus", "-")), f"{b.get('inputs', 0):,}",
+                    str(b.get("seconds", "-")), str(b.get("per_second", "-")),
+                    str(crashes)))  # fmt: skip
+    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
+    rule = "  ".join("=" * w for w in widths)
+    cells = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in out]  # fmt: skip
+    lines = [rule, cells[0], rule, *cells[1:]]
+    return "\n".join([*lines, rule])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/ulogd-fuzz"))
@@ -99,7 +122,11 @@ def main() -> None:
     parser.add_argument("--explore", type=int, default=120, help="seconds instrumented")
     parser.add_argument("--runs", type=int, default=10_000_000, help="bulk inputs")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="print the results table")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.work))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     names = args.targets.split(",")
     with ThreadPoolExecutor(args.jobs) as pool:
