@@ -34,7 +34,9 @@ def _stats(log: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"stat::(\w+):\s+(\d+)", log)}
 
 
-def run_phase(name: str, work: Path, bulk: bool, seconds: int, runs: int) -> dict[str, object]:
+def run_phase(
+    name: str, work: Path, bulk: bool, seconds: int, runs: int, cap: int = 0
+) -> dict[str, object]:
     corpus = work / "corpus" / name
     crashes = work / "crashes"
     logs = work / "logs"
@@ -45,7 +47,12 @@ def run_phase(name: str, work: Path, bulk: bool, seconds: int, runs: int) -> dic
         f"-max_len={MAX_LEN.get(name, 4096)}", "-timeout=20", "-print_final_stats=1",
         f"-artifact_prefix={crashes}/{name}-",
     ]  # fmt: skip
-    args.append(f"-runs={runs}" if bulk else f"-max_total_time={seconds}")
+    if bulk:
+        # keep_seed: without coverage feedback libFuzzer would otherwise drop every corpus
+        # input but one and mutate a single byte; cap: stop (with stats) after that long
+        args += [f"-runs={runs}", "-keep_seed=1", *([f"-max_total_time={cap}"] if cap else [])]
+    else:
+        args.append(f"-max_total_time={seconds}")
     env = dict(os.environ, ULOGD_FUZZ_SCRATCH=tempfile.mkdtemp(prefix=f"ulogd-fuzz-{name}-",
                                                                 dir="/dev/shm"))  # fmt: skip
     if bulk:
@@ -76,7 +83,7 @@ def run_phase(name: str, work: Path, bulk: bool, seconds: int, runs: int) -> dic
     return result
 
 
-def campaign(name: str, work: Path, explore: int, runs: int) -> None:
+def campaign(name: str, work: Path, explore: int, runs: int, cap: int = 0) -> None:
     from fuzz import seeds
 
     corpus = work / "corpus" / name
@@ -89,7 +96,7 @@ def campaign(name: str, work: Path, explore: int, runs: int) -> None:
         if result["exit"]:
             return
     if runs:
-        run_phase(name, work, True, 0, runs)
+        run_phase(name, work, True, 0, runs, cap)
 
 
 def report(work: Path) -> str:
@@ -122,6 +129,7 @@ def main() -> None:
     parser.add_argument("--explore", type=int, default=120, help="seconds instrumented")
     parser.add_argument("--runs", type=int, default=10_000_000, help="bulk inputs")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--bulk-cap", type=int, default=0, help="bulk seconds at most (0: none)")
     parser.add_argument("--report", action="store_true", help="print the results table")
     args = parser.parse_args()
     if args.report:
@@ -130,7 +138,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     names = args.targets.split(",")
     with ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(campaign, n, args.work, args.explore, args.runs) for n in names]:
+        jobs = [
+            pool.submit(campaign, n, args.work, args.explore, args.runs, args.bulk_cap)
+            for n in names
+        ]
+        for future in jobs:
             future.result()
 
 
