@@ -125,7 +125,7 @@ HOST_TOOLS: dict[str, str] = {
     "mkfs.ext4": "e2fsprogs",
 }
 #: ulogd's runtime dependencies, installed for the guest at the host venv's versions.
-PY_DEPENDENCIES: tuple[str, ...] = ("bitarray", "pyroute2", "cffi", "pycparser")
+PY_DEPENDENCIES: tuple[str, ...] = ("bitarray", "cffi", "pycparser")
 
 QEMU_BASE_ARGS: tuple[str, ...] = (
     "-accel", "tcg,thread=multi",
