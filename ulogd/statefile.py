@@ -115,7 +115,7 @@ class LogState:
         self._saves = 0
 
     def save_scalars(self, s: Scalars) -> None:
-        self._saves += 1
+        self._saves = (self._saves + 1) & 0xFFFFFFFFFFFFFFFF  # a u64 in the file: wraps
         _SCALARS.pack_into(
             self._map,
             _SCALARS_AT,

@@ -174,3 +174,28 @@ def test_snapshot_with_a_held_clean_region_is_refused() -> None:
         with pytest.raises(ck.CheckpointError, match="inconsistent"):
             ck.restore(target, forged)
     assert ck.restore(RegionLog(config, *new_bitmaps(config), local_node=1), blob).index == 1
+
+
+def test_state_file_save_counter_at_its_maximum_wraps(tmp_path: Path) -> None:
+    # Found by fuzz/fuzz_statefile.py (crash 0935d098: a state file whose u64 save counter
+    # read 2**64 - 1): the first request that saved scalars raised struct.error from
+    # Server.receive (a dead daemon) instead of answering.
+    import struct
+
+    from ulogd import statefile
+    from ulogd.protocol import RequestType as T
+
+    state_dir = StateDir(tmp_path)
+    state = state_dir.create("LVM-wrap", 0x10, 128, 8, "1024 core 8")
+    state.close()
+    with open(state.path, "r+b") as fh:
+        fh.seek(statefile._SCALARS_AT + struct.calcsize("=QqiI"))
+        fh.write(struct.pack("=Q", 2**64 - 1))
+    server = Server(state_dir=state_dir)
+    server.restore(state_dir.load_all())
+    d = LogDriver(InProcess(server), uuid="LVM-wrap", luid=0x10)
+    try:
+        assert d.call(T.RESUME).error == 0
+        assert d.call(T.PRESUSPEND).error == 0
+    finally:
+        server.close()
