@@ -99,20 +99,29 @@ def campaign(name: str, work: Path, explore: int, runs: int, cap: int = 0) -> No
         run_phase(name, work, True, 0, runs, cap)
 
 
-def report(work: Path) -> str:
-    """An RST table of ``results.jsonl``: per target the exploration and bulk phases."""
+def report(work: Path, since: str = "") -> str:
+    """An RST table of ``results.jsonl``: per target the last exploration and the sum of the
+    bulk runs finished at or after ``since`` ("YYYY-MM-DD HH:MM"; explorations: any time)."""
     rows: dict[str, dict[str, dict[str, object]]] = {}
     for line in (work / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
-        rows.setdefault(r["target"], {})[r["phase"]] = r  # the last run of a phase counts
+        if r["phase"] == "bulk" and r["finished"] < since:
+            continue
+        phases = rows.setdefault(r["target"], {})
+        if r["phase"] == "bulk" and "bulk" in phases:
+            b = phases["bulk"]
+            total = {k: b[k] + r[k] for k in ("inputs", "seconds")}  # type: ignore[operator]
+            r = {**r, **total, "crashes": [*b["crashes"], *r["crashes"]]}  # type: ignore[misc]
+            r["per_second"] = round(r["inputs"] / r["seconds"])  # type: ignore[operator]
+        phases[r["phase"]] = r
     head = ("target", "explore inputs", "s", "corpus", "bulk inputs", "s", "per s", "crashes")
     out = [head]
     for name in ORDER:
         e, b = rows.get(name, {}).get("explore", {}), rows.get(name, {}).get("bulk", {})
         crashes = len(e.get("crashes", [])) + len(b.get("crashes", []))  # type: ignore[arg-type]
-        out.append((name, f"{e.get('inputs', 0):,}", str(e.get("seconds", "-")),
+        out.append((name, f"{e.get('inputs', 0):,}", str(round(e.get("seconds", 0), 1)),  # type: ignore[call-overload]
                     str(e.get("corpus", "-")), f"{b.get('inputs', 0):,}",
-                    str(b.get("seconds", "-")), str(b.get("per_second", "-")),
+                    str(round(b.get("seconds", 0), 1)), str(b.get("per_second", "-")),  # type: ignore[call-overload]
                     str(crashes)))  # fmt: skip
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
     rule = "  ".join("=" * w for w in widths)
@@ -131,9 +140,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--bulk-cap", type=int, default=0, help="bulk seconds at most (0: none)")
     parser.add_argument("--report", action="store_true", help="print the results table")
+    parser.add_argument("--since", default="", help="report runs finished from this time on")
     args = parser.parse_args()
     if args.report:
-        print(report(args.work))
+        print(report(args.work, args.since))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     names = args.targets.split(",")
