@@ -61,7 +61,7 @@ def seeds() -> dict[str, list[bytes]]:
     for count in (0, 1, 100, 4096, 8191):
         store = disklog.MemoryDiskLog(disklog.io_size(count, 512))
         bits = new_bitmaps(ctr.parse(f"{max(count, 1) * 8} core 8 nosync".encode()))[0]
-        disklog.write_image(store, bits, count)
+        disklog.write_image(store, bits, count)  # type: ignore[arg-type]
         out["disklog"].append(struct.pack("<H", count) + bytes(store.data))
     out["config"].append((ROOT / "packaging" / "ulogd.toml").read_bytes())
     out["config"].append(b'run_dir = "/tmp/x"\nnode_id = 3\ncluster = "corosync"\n'
