@@ -35,11 +35,11 @@ Messages longer than ``cpg_max_atomic_msgsize`` raise :class:`~cpg.errors.Messag
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._connection import Connection
 from ._ffi import LIBCPG, ffi, load
 from .errors import CONNECTION_LOST, CpgError, CsError, MessageTooLarge, check
 from .events import ConfChg, Lost, Member, Message, Reason, TotemConfChg
@@ -115,7 +115,7 @@ def group_name(group: bytes) -> Any:
     return name
 
 
-class Handle:
+class Handle(Connection):
     """One CPG connection, joined to at most one group.
 
     ``Handle(on_deliver=..., on_confchg=...)`` connects at once (pass ``open=False`` to connect
@@ -200,22 +200,8 @@ class Handle:
         self.group = None
         self._lib.cpg_finalize(h)
 
-    finalize = close
-
     def __enter__(self) -> Handle:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_h", None) is not None:
-            with contextlib.suppress(Exception):  # interpreter shutdown
-                self.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self._h is not None
 
     def _handle(self) -> int:
         if self._h is None:

@@ -18,11 +18,11 @@ unregister.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ._connection import Connection
 from ._ffi import LIBQUORUM, ffi, load
 from .errors import CONNECTION_LOST, CsError, QuorumError, check
 from .events import Lost, QuorumChange
@@ -53,7 +53,7 @@ def _notify_cb(h: int, quorate: int, ring_seq: int, n_nodes: int, nodes: Any) ->
                 q._cb_error = exc
 
 
-class Quorum:
+class Quorum(Connection):
     """A connection to corosync's quorum service.
 
     ``Quorum(on_change=...)`` connects, reads the current verdict and starts tracking changes.
@@ -116,22 +116,8 @@ class Quorum:
         self._fd = -1
         self._lib.quorum_finalize(h)
 
-    finalize = close
-
     def __enter__(self) -> Quorum:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_h", None) is not None:
-            with contextlib.suppress(Exception):  # interpreter shutdown
-                self.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self._h is not None
 
     def _handle(self) -> int:
         if self._h is None:
