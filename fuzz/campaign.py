@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,14 +54,17 @@ def run_phase(
         args += [f"-runs={runs}", "-keep_seed=1", *([f"-max_total_time={cap}"] if cap else [])]
     else:
         args.append(f"-max_total_time={seconds}")
-    env = dict(os.environ, ULOGD_FUZZ_SCRATCH=tempfile.mkdtemp(prefix=f"ulogd-fuzz-{name}-",
-                                                                dir="/dev/shm"))  # fmt: skip
+    scratch = tempfile.mkdtemp(prefix=f"ulogd-fuzz-{name}-", dir="/dev/shm")
+    env = dict(os.environ, ULOGD_FUZZ_SCRATCH=scratch)
     if bulk:
         env["ULOGD_FUZZ_BULK"] = "1"
     else:
         env.pop("ULOGD_FUZZ_BULK", None)
     start = time.monotonic()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.monotonic() - start
     phase = "bulk" if bulk else "explore"
     (logs / f"{name}-{phase}.log").write_text(proc.stderr + proc.stdout)
