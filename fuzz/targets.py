@@ -15,9 +15,11 @@ long atheris campaign (``fuzz/run.py``) and the short CI run (``tests/test_fuzz_
 
 from __future__ import annotations
 
+import atexit
 import errno
 import io
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -341,12 +343,24 @@ def check_capture(data: bytes) -> None:
 
 # ---------------------------------------------------------------------------------- config
 
-_SCRATCH = Path(os.environ.get("ULOGD_FUZZ_SCRATCH") or tempfile.mkdtemp(prefix="ulogd-fuzz-"))
+_scratch: list[Path] = []
+
+
+def _scratch_dir() -> Path:
+    """Where config/statefile inputs are written: $ULOGD_FUZZ_SCRATCH, else a temporary
+    directory made on first use and removed at exit."""
+    if not _scratch:
+        given = os.environ.get("ULOGD_FUZZ_SCRATCH")
+        path = Path(given) if given else Path(tempfile.mkdtemp(prefix="ulogd-fuzz-"))
+        if not given:
+            atexit.register(shutil.rmtree, path, True)
+        _scratch.append(path)
+    return _scratch[0]
 
 
 def check_config(data: bytes) -> None:
     """``config.load``: ConfigError only; accepted settings are in range."""
-    path = _SCRATCH / "ulogd.toml"
+    path = _scratch_dir() / "ulogd.toml"
     path.write_bytes(data)
     try:
         settings = config.load(path)
@@ -380,7 +394,7 @@ def _state_file(r: Reader) -> bytes:
 def check_statefile(data: bytes) -> None:
     """``StateDir.load_all`` + ``Server.restore`` on one fuzzed state file: never raise; a bad
     file is moved aside; a restored log answers requests."""
-    directory = _SCRATCH / "state"
+    directory = _scratch_dir() / "state"
     if directory.exists():
         for leftover in directory.iterdir():
             leftover.unlink()
