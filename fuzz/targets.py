@@ -353,8 +353,12 @@ def _scratch_dir() -> Path:
         given = os.environ.get("ULOGD_FUZZ_SCRATCH")
         path = Path(given) if given else Path(tempfile.mkdtemp(prefix="ulogd-fuzz-"))
         if not given:
-            atexit.register(shutil.rmtree, path, True)
+            owner = os.getpid()
+            # Only the process that made it removes it: a forked child (tests fork to drop
+            # privileges) inherits atexit handlers and would delete it under its parent.
+            atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, True))
         _scratch.append(path)
+    _scratch[0].mkdir(parents=True, exist_ok=True)
     return _scratch[0]
 
 
