@@ -71,7 +71,11 @@ def test_log_device_errors_under_io() -> None:
 
 def test_table_reloads_under_io() -> None:
     data = _scenario("hardening", "reloads")
-    assert data["info"]["luids"] == 4
+    # Each reload made a new instance next to the live one (the guest checks consecutive luids
+    # differ); the kernel may hand a freed context address out again, so distinct luids >= 2.
+    assert "every reload made a new log instance" in {c["name"] for c in data["checks"]}
+    assert data["info"]["luids"] >= 2
+    assert data["info"]["writes"] > 0
 
 
 def test_hardening_boot_shuts_down_cleanly() -> None:
