@@ -20,13 +20,8 @@ and reports its size in chunks.  Prints a table and writes JSON to ``bench/resul
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
 from bitarray import bitarray  # noqa: E402
 
 from ulogd import ctr  # noqa: E402
@@ -134,23 +130,15 @@ def cpu_worst_case(regions: int) -> dict[str, Any]:
 
 
 def setup_info() -> dict[str, Any]:
-    version = subprocess.run(["corosync", "-v"], capture_output=True, text=True).stdout
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "python": platform.python_version(),
-        "corosync": version.splitlines()[0] if version else "?",
-        "token_ms": corosync.TOKEN_MS,
-        "chunk_bytes": CHUNK_SIZE,
-    }
+    return common.corosync_setup(
+        token_ms=corosync.TOKEN_MS,
+        chunk_bytes=CHUNK_SIZE,
+    )
 
 
 def print_report(report: dict[str, Any]) -> None:
     s = report["setup"]
-    print(f"# cluster join {s['date']}: {s['corosync']}, kernel {s['kernel']}, {s['cpus']} CPUs, "
+    print(f"# cluster join {s['date']}: {s['corosync']}, kernel {s['kernel']}, {s['nproc']} CPUs, "
           f"load {s['loadavg'][0]:.2f}; checkpoint chunks of {s['chunk_bytes']} bytes")  # fmt: skip
     for case in report["cases"]:
         base = case["first_member_s"]
@@ -187,11 +175,7 @@ def main() -> int:
         cluster.stop()
     report["cpu_worst_case"] = cpu_worst_case(args.regions)
     print_report(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"cluster_join-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    common.save_report("cluster_join", report, args.out)
     return 0
 
 

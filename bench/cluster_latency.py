@@ -26,10 +26,7 @@ on its own regions for a few seconds.  Prints a table and writes JSON to ``bench
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +37,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
 
 from ulogd.testing import corosync  # noqa: E402
 from ulogd.testing.cluster import UlogdCluster  # noqa: E402
@@ -220,19 +219,11 @@ def run_cluster(cluster: corosync.Cluster, args: argparse.Namespace) -> dict[str
 
 
 def setup_info() -> dict[str, Any]:
-    version = subprocess.run(["corosync", "-v"], capture_output=True, text=True).stdout
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "python": platform.python_version(),
-        "corosync": version.splitlines()[0] if version else "?",
-        "token_ms": corosync.TOKEN_MS,
-        "log": CTR,
-        "transport": "ulogd test transport (unix datagram), one request in flight",
-    }
+    return common.corosync_setup(
+        token_ms=corosync.TOKEN_MS,
+        log=CTR,
+        transport="ulogd test transport (unix datagram), one request in flight",
+    )
 
 
 ROWS = [
@@ -250,7 +241,7 @@ ROWS = [
 def print_report(report: dict[str, Any]) -> None:
     s = report["setup"]
     print(f"# cluster latency {s['date']}: {s['corosync']}, kernel {s['kernel']}, "
-          f"{s['cpus']} CPUs, load {s['loadavg'][0]:.2f}")  # fmt: skip
+          f"{s['nproc']} CPUs, load {s['loadavg'][0]:.2f}")  # fmt: skip
     print(f"# {s['log']}; token {s['token_ms']} ms; {s['transport']}")
     for c in report["clusters"]:
         lat = c["latency"]
@@ -294,11 +285,7 @@ def main() -> int:
         finally:
             cluster.stop()
     print_report(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"cluster_latency-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    common.save_report("cluster_latency", report, args.out)
     return 0
 
 

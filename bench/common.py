@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -162,6 +163,24 @@ def write_results(name: str, payload: dict[str, Any], out: Path | None = None) -
         out = RESULTS / f"{name}-{stamp}.json"
     out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return out
+
+
+def corosync_setup(**extra: Any) -> dict[str, Any]:
+    """:func:`machine` plus the installed corosync's version: the cluster benchmarks' setup."""
+    try:
+        out = subprocess.run(["corosync", "-v"], capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    return {**machine(), "corosync": out.splitlines()[0] if out else "?", **extra}
+
+
+def save_report(name: str, report: dict[str, Any], directory: Path) -> Path:
+    """Write ``report`` as ``<directory>/<name>-<stamp>.json`` and say where."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwritten: {shown(path)}")
+    return path
 
 
 def shown(path: Path) -> str:

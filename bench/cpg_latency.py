@@ -16,12 +16,7 @@ Prints the setup and a table and writes everything as JSON to ``bench/results/``
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +24,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
 
 from ulogd.testing import corosync  # noqa: E402
 from ulogd.testing.corosync import MemberClient, member  # noqa: E402
@@ -116,26 +113,18 @@ def run_cluster(cluster: corosync.Cluster, args: argparse.Namespace) -> dict[str
 
 
 def setup_info() -> dict[str, Any]:
-    version = subprocess.run(["corosync", "-v"], capture_output=True, text=True).stdout
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "corosync": version.splitlines()[0] if version else "?",
-        "token_ms": corosync.TOKEN_MS,
-        "transport": "knet, crypto off, sched_rr no",
-        "client": "python -m cpg.member (cffi ABI mode), one process per node",
-    }
+    return common.corosync_setup(
+        token_ms=corosync.TOKEN_MS,
+        transport="knet, crypto off, sched_rr no",
+        client="python -m cpg.member (cffi ABI mode), one process per node",
+    )
 
 
 def print_report(report: dict[str, Any]) -> None:
     s = report["setup"]
-    print(f"# CPG benchmark {s['date']}: {s['corosync']}, kernel {s['kernel']}, {s['cpus']} CPUs")
+    print(f"# CPG benchmark {s['date']}: {s['corosync']}, kernel {s['kernel']}, {s['nproc']} CPUs")
     print(f"# token {s['token_ms']} ms, {s['transport']}; {s['client']}")
-    load = s["loadavg_before"]
+    load = s["loadavg"][0]
     print(f"# install {report['install_seconds']:.1f} s, load average before the run {load:.1f}")
     for cluster in report["clusters"]:
         start, stop = cluster["start_seconds"], cluster.get("stop_seconds")
@@ -176,11 +165,7 @@ def main() -> int:
         result["stop_seconds"] = cluster.stop_seconds
         report["clusters"].append(result)
     print_report(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"cpg_latency-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    common.save_report("cpg_latency", report, args.out)
     return 0
 
 
