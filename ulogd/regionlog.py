@@ -431,6 +431,41 @@ class RegionLog:
         self.members.discard(node)
         return lost
 
+    def merge_from(self, others: list[RegionLog]) -> None:
+        """Combine the replicas of partitions that merged, conservatively and alike in any
+        order: a region is clean or in sync only if it is so on every side; every side's mark
+        references are kept; a recovery assignment survives only if all sides agree.  The
+        whole disk log is rewritten afterwards."""
+        n = self.region_count
+        for other in others:
+            self.clean[:n] &= other.clean[:n]
+            self.sync[:n] &= other.sync[:n]
+            for region, nodes in other.holders.items():
+                self.holders.setdefault(region, set()).update(nodes)
+            self.sync_search = min(self.sync_search, other.sync_search)
+            if (other.recovering, other.recoverer) != (self.recovering, self.recoverer):
+                self.recovering, self.recoverer = -1, -1
+            self.priority = sorted(set(self.priority) | set(other.priority))
+            self.disk_failed = self.disk_failed or other.disk_failed
+            self.in_sync_override = self.in_sync_override and other.in_sync_override
+        for region in self.holders:
+            self.clean[region] = 0
+        self.sync_count = self.sync.count(1, 0, n)
+        self.full_write = self.has_disk
+        self.scalars_changed = True
+
+    def rewrite_whole_log(self) -> None:
+        """The disk server changed (or partitions merged): what reached the device is
+        unknown, so the next write covers the whole log and nothing else is pending."""
+        self.full_write = self.has_disk
+        self.take_disk_work()
+
+    def reread_disk_at_resume(self) -> None:
+        """The next RESUME reads the on-disk log again (others wrote it while this node was
+        away from the group)."""
+        if self.has_disk:
+            self.disk_loaded = False
+
     def lose_all_sync(self) -> None:
         """Nothing about the legs can be trusted (a partition's writers vanished unseen):
         every region is out of sync and not clean; recovery starts from the beginning."""

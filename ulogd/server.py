@@ -751,10 +751,10 @@ class Server:
         orphan, entry.orphaned = entry.orphaned, None
         actions: list[Action] = []
         if master:
-            if rl.has_disk and not rl.resumed and not entry.carried:
+            if not rl.resumed and not entry.carried:
                 # First to resume: what the others wrote while this node was away is on the
                 # shared device, not in this replica.
-                rl.disk_loaded = False
+                rl.reread_disk_at_resume()
             entry.carried = False
             log.info(
                 "%s first member of its group: its own state is the group's",

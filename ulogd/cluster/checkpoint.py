@@ -147,25 +147,3 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
     rl.scalars_changed = True
     return GroupBook(index, valid, joiners)  # type: ignore[arg-type]
 
-
-def merge_into(rl: RegionLog, others: list[RegionLog]) -> None:
-    """Combine replicas of partitions that merged, conservatively and in any order alike:
-    a region is clean or in sync only if it is so on every side; every side's mark
-    references are kept; a recovery assignment survives only if all sides agree."""
-    n = rl.region_count
-    for other in others:
-        rl.clean[:n] &= other.clean[:n]
-        rl.sync[:n] &= other.sync[:n]
-        for region, nodes in other.holders.items():
-            rl.holders.setdefault(region, set()).update(nodes)
-        rl.sync_search = min(rl.sync_search, other.sync_search)
-        if (other.recovering, other.recoverer) != (rl.recovering, rl.recoverer):
-            rl.recovering, rl.recoverer = -1, -1
-        rl.priority = sorted(set(rl.priority) | set(other.priority))
-        rl.disk_failed = rl.disk_failed or other.disk_failed
-        rl.in_sync_override = rl.in_sync_override and other.in_sync_override
-    for region in rl.holders:
-        rl.clean[region] = 0
-    rl.sync_count = rl.sync.count(1, 0, n)
-    rl.full_write = rl.has_disk
-    rl.scalars_changed = True

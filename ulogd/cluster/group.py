@@ -316,7 +316,7 @@ class Group:
     ) -> list[Action]:
         """Partitions merged: every member contributes its state as of this change (or says it
         has none); events are held until every contribution is in, then all replicas combine
-        them the same way (:func:`checkpoint.merge_into`)."""
+        them the same way (:meth:`RegionLog.merge_from`)."""
         actions: list[Action] = []
         if self.phase is Phase.VALID:
             # Departures seen in this change still count (a node on the far side may have
@@ -400,7 +400,7 @@ class Group:
                     log.error("merge contribution of node %d unusable: %s", member[0], exc)
                     continue
                 others.append(replica)
-            ck.merge_into(self.log, others)
+            self.log.merge_from(others)
             if unknown:
                 log.error(
                     "members %s left during a partition merge before their state "
@@ -416,7 +416,7 @@ class Group:
         if self.phase is Phase.VALID:
             rl = self.log
             if rl.has_disk and self.disk_server is not None:
-                rl.take_disk_work()  # full rewrite by the (possibly new) server
+                rl.rewrite_whole_log()  # by the (possibly new) server
                 if self.disk_server == self.me[0]:
                     actions.append(WriteDisk(None, self.index))
             # Every event of the round has its position: the merge change is the merged
@@ -509,8 +509,7 @@ class Group:
             # What the previous server wrote is unknown.  Every replica treats the change
             # like a FLUSH that must rewrite the whole log (so all agree on what is pending);
             # the new server writes it, and its DISK_DONE releases every flush still waiting.
-            rl.full_write = True
-            rl.take_disk_work()
+            rl.rewrite_whole_log()
             if new_server == self.me[0]:
                 return [WriteDisk(None, self.index)]
         return []
