@@ -27,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="serve the kernel's dm-log-userspace requests")
-    run.add_argument(
-        "--foreground", "-f", action="store_true", help="do not detach; log to stderr"
-    )
+    run.add_argument("--foreground", "-f", action="store_true", help="do not detach; log to stderr")
     run.add_argument(
         "--config",
         metavar="FILE",

@@ -146,4 +146,3 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
     rl.in_sync_override = bool(flags & _FLAG_OVERRIDE)
     rl.scalars_changed = True
     return GroupBook(index, valid, joiners)  # type: ignore[arg-type]
-
