@@ -27,7 +27,6 @@ import os
 import socket
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +36,6 @@ sys.path.insert(0, os.environ.get("ULOGD_GUEST", str(GUEST)))
 from dmlib import (  # noqa: E402
     Loop,
     Mirror,
-    Report,
     Scenario,
     Writer,
     kmsg,
@@ -58,9 +56,9 @@ from scenarios import (  # noqa: E402
     legs_pair,
     new_uuid,
     note_uuid,
+    run_scenarios,
     synced_and_identical,
     userspace_table,
-    watchdog,
 )
 
 from ulogd import control, wire  # noqa: E402
@@ -284,18 +282,8 @@ def main() -> int:
         "kill-loop": lambda sc, env: sc_kill_loop(sc, env, args.kills),
         "shutdown": SCENARIOS["shutdown"],
     }
-    run_dir = Path(os.environ.get("ULOGD_RUN", "."))
-    env = Env(run_dir)
-    report = Report(run_dir / "result.json")
-    threading.Thread(target=watchdog, args=(args.budget, env, report), daemon=True).start()
-    for name in args.names:
-        with report.scenario(name) as sc:
-            own[name](sc, env)
-        env.cleanup()
-        env.save_artefacts()
-    failed = [s.name for s in report.scenarios if not s.ok]
-    kmsg(f"hardening: {len(report.scenarios) - len(failed)} passed, failed: {failed}")
-    print(f"e2e: {len(report.scenarios) - len(failed)} passed, failed: {failed}", flush=True)
+    failed = run_scenarios(args.names, own, args.budget)
+    kmsg(f"hardening: {len(args.names) - len(failed)} passed, failed: {failed}")
     return 1 if failed else 0
 
 

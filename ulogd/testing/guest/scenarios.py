@@ -590,18 +590,25 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=600)
     parser.add_argument("names", nargs="+", choices=sorted(SCENARIOS))
     args = parser.parse_args()
+    return 1 if run_scenarios(args.names, SCENARIOS, args.budget) else 0
+
+
+def run_scenarios(
+    names: list[str], table: dict[str, Callable[[Scenario, Env], None]], budget: float
+) -> list[str]:
+    """Run the named scenarios in this boot under a watchdog; returns the failed ones."""
     run_dir = Path(os.environ.get("ULOGD_RUN", "."))
     env = Env(run_dir)
     report = Report(run_dir / "result.json")
-    threading.Thread(target=watchdog, args=(args.budget, env, report), daemon=True).start()
-    for name in args.names:
+    threading.Thread(target=watchdog, args=(budget, env, report), daemon=True).start()
+    for name in names:
         with report.scenario(name) as sc:
-            SCENARIOS[name](sc, env)
+            table[name](sc, env)
         env.cleanup()
         env.save_artefacts()
     failed = [s.name for s in report.scenarios if not s.ok]
     print(f"e2e: {len(report.scenarios) - len(failed)} passed, failed: {failed}", flush=True)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
