@@ -188,9 +188,17 @@ def reap_stale() -> list[str]:
 
 
 def corosync_conf(
-    cluster_name: str, addrs: Sequence[str], base: Path, token: int = TOKEN_MS
+    cluster_name: str,
+    addrs: Sequence[str],
+    base: Path,
+    token: int = TOKEN_MS,
+    two_node: bool = False,
 ) -> str:
-    """A corosync.conf for nodes 1..N at *addrs*; state and log under *base*."""
+    """A corosync.conf for nodes 1..N at *addrs*; state and log under *base*.
+
+    ``two_node``: votequorum's two-node mode (the survivor of a pair keeps quorum; meant for
+    clusters with fencing, as the two-guest e2e scenario's kill models)."""
+    quorum_extra = "\n    two_node: 1" if two_node else ""
     nodes = "\n".join(
         f"    node {{\n        nodeid: {i}\n        name: node{i}\n        ring0_addr: {addr}\n"
         "    }"
@@ -214,7 +222,7 @@ nodelist {{
 {nodes}
 }}
 quorum {{
-    provider: corosync_votequorum
+    provider: corosync_votequorum{quorum_extra}
 }}
 logging {{
     to_stderr: no

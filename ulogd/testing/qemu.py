@@ -660,6 +660,35 @@ def qemu_argv(
     ]  # fmt: skip
 
 
+def shared_disk_args(
+    index: int, image: Path, serial: str, *, write_iops: int | None = None
+) -> list[str]:
+    """QEMU arguments attaching a raw image that another guest attaches too.
+
+    ``cache=none`` (O_DIRECT: both guests see each other's writes; so the image must not be on
+    tmpfs), no image locking, ``share-rw`` on the device; the guest finds it by ``serial``.
+    ``write_iops`` throttles this guest's writes to it (QEMU's block throttling): writes queue
+    in QEMU, so a guest killed meanwhile leaves them unwritten.
+    """
+    throttle = f",throttling.iops-write={write_iops}" if write_iops else ""
+    return [
+        "-drive", f"file={image},format=raw,if=none,id=shared{index},cache=none,aio=threads,"
+                  f"file.locking=off{throttle}",
+        "-device", f"virtio-blk-pci,drive=shared{index},serial={serial},share-rw=on",
+    ]  # fmt: skip
+
+
+def link_args(local: Path, remote: Path, mac: str) -> list[str]:
+    """A virtio-net device whose frames go to ``remote`` and come from ``local``: two unix
+    datagram sockets make a private point-to-point link between two guests (no host network;
+    either side may start first)."""
+    return [
+        "-netdev", f"dgram,id=link,local.type=unix,local.path={local},"
+                   f"remote.type=unix,remote.path={remote}",
+        "-device", f"virtio-net-pci,netdev=link,mac={mac}",
+    ]  # fmt: skip
+
+
 def _die_with_parent() -> None:
     """In the QEMU child: get SIGKILL when the test process dies (no orphaned guests)."""
     with contextlib.suppress(Exception):
@@ -675,7 +704,77 @@ def new_run_dir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{safe}-{stamp}-", dir=RUNS))
 
 
-def run_in_guest(
+class Guest:
+    """A QEMU running in the background: :meth:`wait` for its :class:`GuestRun`, or
+    :meth:`kill` it (``kill -9``, the power cord).  ``events`` is a second serial port the
+    guest can write progress lines to (``/dev/ttyS1``); the host reads it while it runs."""
+
+    def __init__(self, run_dir: Path, argv: list[str], timeout: float) -> None:
+        self.run_dir = run_dir
+        self.timeout = timeout
+        self.killed_at: float | None = None
+        (run_dir / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
+        self.t0 = time.monotonic()
+        with open(run_dir / "qemu.log", "w") as qlog:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+
+    @property
+    def events_path(self) -> Path:
+        return self.run_dir / "events.log"
+
+    def events(self) -> list[str]:
+        """The lines the guest wrote to its events port so far."""
+        try:
+            return self.events_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def wait_event(self, prefix: str, timeout: float) -> str:
+        """Wait for an events line starting with ``prefix``; HarnessError if the guest ends
+        or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.events():
+                if line.startswith(prefix):
+                    return line
+            if self.proc.poll() is not None:
+                raise HarnessError(f"guest {self.run_dir.name} ended before {prefix!r}")
+            if time.monotonic() > deadline:
+                raise HarnessError(f"no {prefix!r} from guest {self.run_dir.name} in {timeout} s")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the QEMU process: the guest's in-flight I/O never completes."""
+        self.killed_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait(self) -> GuestRun:
+        """Wait for the guest to power off (killing it at its timeout)."""
+        timed_out = False
+        remaining = self.timeout - (time.monotonic() - self.t0)
+        try:
+            self.proc.wait(timeout=max(remaining, 1.0))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        wall = time.monotonic() - self.t0
+        rc_file = self.run_dir / "rc"
+        rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
+        console = self.run_dir / "console.log"
+        text = console.read_text(errors="replace") if console.exists() else ""
+        qemu_out = (self.run_dir / "qemu.log").read_text(errors="replace")
+        if self.proc.returncode not in (0, -signal.SIGKILL) and not text:
+            raise HarnessError(f"qemu failed ({self.proc.returncode}):\n{qemu_out[-3000:]}")
+        return GuestRun(self.run_dir, rc, timed_out, wall, text)
+
+
+def start_guest(
     script: str,
     *,
     name: str = "run",
@@ -684,49 +783,38 @@ def run_in_guest(
     smp: int = 2,
     memory_mb: int = 2048,
     files: dict[str, str] | None = None,
-) -> GuestRun:
-    """Boot the guest, run the shell ``script`` (as ``sh cmd.sh`` in the run dir), power off.
+    extra: Sequence[str] = (),
+    cmdline: str = "",
+) -> Guest:
+    """Boot the guest in the background to run the shell ``script`` (as ``sh cmd.sh`` in the
+    run dir) and power off.
 
     ``files`` are written into the run directory first (e.g. scenario parameters).  The guest
     sees the checkout at its host path; ``$ULOGD_RUN`` is the run directory, ``$ULOGD_SRC``
-    the checkout, ``$ULOGD_GUEST`` this package's ``guest/`` directory.
+    the checkout, ``$ULOGD_GUEST`` this package's ``guest/`` directory.  ``extra`` are more
+    QEMU arguments (devices), ``cmdline`` more kernel command-line words.
     """
     art = art or prepare()
     run_dir = new_run_dir(name)
     (run_dir / "cmd.sh").write_text(script if script.endswith("\n") else script + "\n")
     for fname, content in (files or {}).items():
         (run_dir / fname).write_text(content)
-    console = run_dir / "console.log"
+    serial = ["-serial", f"file:{run_dir / 'console.log'}",
+              "-serial", f"file:{run_dir / 'events.log'}"]  # fmt: skip
     argv = qemu_argv(
         art,
-        kernel_cmdline(art, run_dir),
-        serial=["-serial", f"file:{console}"],
+        kernel_cmdline(art, run_dir, cmdline),
+        serial=serial,
         smp=smp,
         memory_mb=memory_mb,
+        extra=extra,
     )
-    (run_dir / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
-    t0 = time.monotonic()
-    timed_out = False
-    with open(run_dir / "qemu.log", "w") as qlog:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    wall = time.monotonic() - t0
-    rc_file = run_dir / "rc"
-    rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
-    text = console.read_text(errors="replace") if console.exists() else ""
-    qemu_out = (run_dir / "qemu.log").read_text(errors="replace")
-    if proc.returncode not in (0, -signal.SIGKILL) and not text:
-        raise HarnessError(f"qemu failed ({proc.returncode}):\n{qemu_out[-3000:]}")
-    return GuestRun(run_dir, rc, timed_out, wall, text)
+    return Guest(run_dir, argv, timeout)
+
+
+def run_in_guest(script: str, **kw: Any) -> GuestRun:
+    """:func:`start_guest` and wait for it to power off (see there for the arguments)."""
+    return start_guest(script, **kw).wait()
 
 
 def interactive(command: str | None = None, *, smp: int = 2, memory_mb: int = 2048) -> int:

@@ -272,8 +272,11 @@ def detach_all_loops() -> None:
 class Daemon:
     """ulogd run in the foreground; its stderr is appended to one log file across restarts."""
 
-    def __init__(self, run_dir: str, log_file: Path, capture_dir: Path) -> None:
+    def __init__(
+        self, run_dir: str, log_file: Path, capture_dir: Path, extra_args: Sequence[str] = ()
+    ) -> None:
         self.run_dir = Path(run_dir)
+        self.extra_args = list(extra_args)
         self.log_file = log_file
         self.capture_dir = capture_dir
         self.proc: subprocess.Popen[bytes] | None = None
@@ -288,7 +291,7 @@ class Daemon:
         self.captures.append(capture)
         argv = [
             "python3", "-m", "ulogd", "run", "--foreground", "--run-dir", str(self.run_dir),
-            "--log-level", "debug", "--capture", str(capture),
+            "--log-level", "debug", "--capture", str(capture), *self.extra_args,
         ]  # fmt: skip
         with open(self.log_file, "ab") as fh:
             fh.write(f"==== e2e: start #{self.starts}: {' '.join(argv)}\n".encode())

@@ -1,0 +1,175 @@
+"""Two real kernels, one shared mirror, one cluster: kill -9 of a node with writes in flight.
+
+Two QEMU guests share the mirror's legs (raw images attached to both) and a private link;
+each runs corosync and ulogd ``--cluster corosync`` (``ulogd/testing/guest/pair.py`` says what
+each guest does).  Node 1, the log group's first member, writes the upper half of the mirror
+at queue depth 16 while QEMU throttles its writes to the second leg, so it always has writes
+that reached the first leg only; node 2 writes the lower half.  The host kills node 1's QEMU,
+counts the torn blocks by comparing the two images at once, and lets node 2 finish: its
+ulogd must mark node 1's regions out of sync and get its own kernel to copy them (nothing
+else ever writes the upper half again), while node 2 keeps writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ulogd.testing import qemu
+
+pytestmark = pytest.mark.e2e
+
+LEG_SIZE = 64 << 20  # as in guest/pair.py
+HALF = LEG_SIZE // 2
+BLOCK = 4096
+REGION_BYTES = 512 << 10
+#: The victim's writes to the second leg: few enough that queue depth 16 always waits there.
+VICTIM_LEG_B_IOPS = 4
+BUDGET = 900.0
+#: Corosync's failure detection in the guests: token 1000 ms + consensus 1200 ms.
+TOKEN_PLUS_CONSENSUS = 2.2
+KERNEL_TIMEOUT = 15.0  # dm-log-userspace gives up on a request after 15 s
+
+
+@dataclasses.dataclass
+class PairRun:
+    victim: qemu.GuestRun
+    survivor: qemu.GuestRun
+    victim_event: str
+    torn_blocks: list[int]  # byte offsets in the upper half that differed right after the kill
+    torn_regions: list[int]
+    final_differing_blocks: list[int]
+    disks: Path  # the shared images and the host's findings (host.json)
+
+    @property
+    def survivor_result(self) -> dict[str, Any]:
+        result = self.survivor.result or {}
+        scenario: dict[str, Any] = result.get("scenarios", {}).get("pair-survivor", {})
+        return scenario
+
+    def describe(self) -> str:
+        parts = [f"shared images and host findings: {self.disks}"]
+        for name, run in (("victim", self.victim), ("survivor", self.survivor)):
+            parts.append(f"==== {name}: {run.describe(60)}")
+            parts.append("---- ulogd.log (tail) ----\n" + _tail(run.artefact("ulogd.log"), 40))
+        return "\n".join(parts)
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def differing_blocks(a: Path, b: Path, start: int, end: int) -> list[int]:
+    """Offsets of the 4 KiB blocks in [start, end) whose contents differ between two images."""
+    out = []
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        fa.seek(start)
+        fb.seek(start)
+        pos = start
+        while pos < end:
+            ca, cb = fa.read(1 << 20), fb.read(1 << 20)
+            if ca != cb:
+                for k in range(0, min(len(ca), len(cb)), BLOCK):
+                    if ca[k : k + BLOCK] != cb[k : k + BLOCK]:
+                        out.append(pos + k)
+            pos += 1 << 20
+    return out
+
+
+def _boot_pair() -> PairRun:
+    art = qemu.prepare()
+    base = qemu.new_run_dir("pair-disks")
+    images = [base / "legA.img", base / "legB.img"]
+    for image in images:
+        with open(image, "wb") as fh:
+            fh.truncate(LEG_SIZE)
+    socks = [base / "n1.sock", base / "n2.sock"]
+    uuid = f"e2e-pair-{uuidlib.uuid4().hex[:12]}"
+    guests = {}
+    for node, role in ((1, "victim"), (2, "survivor")):
+        other = 3 - node
+        devices = [
+            *qemu.link_args(socks[node - 1], socks[other - 1], f"52:54:00:77:00:0{node}"),
+            *qemu.shared_disk_args(0, images[0], "sharedA"),
+            *qemu.shared_disk_args(
+                1, images[1], "sharedB", write_iops=VICTIM_LEG_B_IOPS if role == "victim" else None
+            ),
+        ]
+        script = (
+            f'exec python3 "$ULOGD_GUEST/pair.py" --node {node} --role {role} --uuid {uuid} '
+            f"--budget {BUDGET:.0f}"
+        )
+        guests[role] = qemu.start_guest(
+            script, name=f"pair-{role}", timeout=BUDGET + 120, art=art, smp=1, memory_mb=1024,
+            extra=devices,
+        )  # fmt: skip
+    victim, survivor = guests["victim"], guests["survivor"]
+    try:
+        line = victim.wait_event("writing", BUDGET)
+        victim.kill()
+        torn = differing_blocks(images[0], images[1], HALF, LEG_SIZE)
+        victim_run = victim.wait()
+        survivor_run = survivor.wait()
+    except BaseException:
+        victim.kill()
+        survivor.kill()
+        raise
+    final = differing_blocks(images[0], images[1], 0, LEG_SIZE)
+    (base / "host.json").write_text(json.dumps({"torn": torn, "final": final, "event": line}))
+    regions = sorted({t // REGION_BYTES for t in torn})
+    return PairRun(victim_run, survivor_run, line, torn, regions, final, base)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[PairRun]:
+    run = _boot_pair()
+    yield run
+    ok = run.survivor_result.get("ok") and not run.final_differing_blocks and run.torn_blocks
+    if ok and not os.environ.get("ULOGD_E2E_KEEP"):
+        for path in (run.victim.run_dir, run.survivor.run_dir, run.disks):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_survivor_checks_pass(pair: PairRun) -> None:
+    """Quorum with both, one group of two, the victim's regions lost and recovered, the
+    survivor's data intact, legs identical, ulogd clean exit, no kernel errors."""
+    sc = pair.survivor_result
+    failed = [c for c in sc.get("checks", []) if not c["ok"]]
+    assert sc.get("ok"), f"error={sc.get('error')} failed={failed}\n{pair.describe()}"
+
+
+def test_the_kill_left_torn_writes(pair: PairRun) -> None:
+    """The test exercises what it claims: blocks the victim wrote to one leg only."""
+    assert pair.torn_blocks, f"no torn blocks right after the kill\n{pair.describe()}"
+
+
+def test_legs_identical_on_the_host_afterwards(pair: PairRun) -> None:
+    """Only the survivor's recovery can have repaired the torn blocks: nothing else writes
+    the upper half after the kill."""
+    assert pair.final_differing_blocks == [], (
+        f"{len(pair.final_differing_blocks)} blocks differ "
+        f"(torn at the kill: {len(pair.torn_blocks)}, regions {pair.torn_regions})"
+    )
+
+
+def test_survivor_io_resumes_and_keeps_its_rate(pair: PairRun) -> None:
+    info = pair.survivor_result.get("info", {})
+    stall = info.get("max_write_latency_s")
+    before, after = info.get("rate_before"), info.get("rate_after")
+    figures = (
+        f"longest survivor write {stall} s (token+consensus {TOKEN_PLUS_CONSENSUS} s), "
+        f"rate before {before}/s after {after}/s, sync low {info.get('min_in_sync')}/"
+        f"{info.get('regions')}, departure to recovered "
+        f"{info.get('seconds_departure_to_recovered')} s"
+    )
+    print(figures)
+    assert stall is not None and stall < KERNEL_TIMEOUT, figures
+    assert before and after and after >= 0.5 * before, figures
