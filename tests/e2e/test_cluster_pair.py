@@ -1,13 +1,15 @@
 """Two real kernels, one shared mirror, one cluster: kill -9 of a node with writes in flight.
 
-Two QEMU guests share the mirror's legs (raw images attached to both) and a private link;
-each runs corosync and ulogd ``--cluster corosync`` (``ulogd/testing/guest/pair.py`` says what
-each guest does).  Node 1, the log group's first member, writes the upper half of the mirror
-at queue depth 16 while QEMU throttles its writes to the second leg, so it always has writes
-that reached the first leg only; node 2 writes the lower half.  The host kills node 1's QEMU,
-counts the torn blocks by comparing the two images at once, and lets node 2 finish: its
-ulogd must mark node 1's regions out of sync and get its own kernel to copy them (nothing
-else ever writes the upper half again), while node 2 keeps writing.
+Two QEMU guests share two mirrors' legs and a disk log (raw images attached to both) and a
+private link; each runs corosync and ulogd ``--cluster corosync`` (``ulogd/testing/guest/pair.py``
+says what each guest does): one mirror with a ``clustered-core`` log, one with a
+``clustered-disk`` log.  Node 1, each log group's first member and the disk log's server,
+writes the upper half of each mirror at queue depth 16 while QEMU throttles its writes to the
+second legs, so it always has writes that reached the first leg only; node 2 writes the lower
+halves.  The host kills node 1's QEMU, counts the torn blocks by comparing the legs' images at
+once, and lets node 2 finish: its ulogd must mark node 1's regions out of sync and get its own
+kernel to copy them (nothing else ever writes the upper halves again), while node 2 keeps
+writing and takes over the disk log.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ class PairRun:
     victim: qemu.GuestRun
     survivor: qemu.GuestRun
     victim_event: str
-    torn_blocks: list[int]  # byte offsets in the upper half that differed right after the kill
-    torn_regions: list[int]
-    final_differing_blocks: list[int]
+    torn_blocks: dict[str, list[int]]  # per mirror: upper-half offsets differing at the kill
+    final_differing_blocks: dict[str, list[int]]
     disks: Path  # the shared images and the host's findings (host.json)
+
+    def torn_regions(self, mirror: str) -> list[int]:
+        return sorted({t // REGION_BYTES for t in self.torn_blocks[mirror]})
 
     @property
     def survivor_result(self) -> dict[str, Any]:
@@ -84,25 +88,34 @@ def differing_blocks(a: Path, b: Path, start: int, end: int) -> list[int]:
     return out
 
 
+#: Images the guests share: serial -> (size, throttled on the victim).  The legs of mirror
+#: ``pair`` (A, B) and of mirror ``pairdisk`` (C, D), and ``pairdisk``'s log device (L).
+IMAGES = {
+    "sharedA": (LEG_SIZE, False),
+    "sharedB": (LEG_SIZE, True),
+    "sharedC": (LEG_SIZE, False),
+    "sharedD": (LEG_SIZE, True),
+    "sharedL": (4 << 20, False),
+}
+LEGS = {"pair": ("sharedA", "sharedB"), "pairdisk": ("sharedC", "sharedD")}
+
+
 def _boot_pair() -> PairRun:
     art = qemu.prepare()
     base = qemu.new_run_dir("pair-disks")
-    images = [base / "legA.img", base / "legB.img"]
-    for image in images:
-        with open(image, "wb") as fh:
-            fh.truncate(LEG_SIZE)
+    images = {serial: base / f"{serial}.img" for serial in IMAGES}
+    for serial, (size, _) in IMAGES.items():
+        with open(images[serial], "wb") as fh:
+            fh.truncate(size)
     socks = [base / "n1.sock", base / "n2.sock"]
     uuid = f"e2e-pair-{uuidlib.uuid4().hex[:12]}"
     guests = {}
     for node, role in ((1, "victim"), (2, "survivor")):
         other = 3 - node
-        devices = [
-            *qemu.link_args(socks[node - 1], socks[other - 1], f"52:54:00:77:00:0{node}"),
-            *qemu.shared_disk_args(0, images[0], "sharedA"),
-            *qemu.shared_disk_args(
-                1, images[1], "sharedB", write_iops=VICTIM_LEG_B_IOPS if role == "victim" else None
-            ),
-        ]
+        devices = qemu.link_args(socks[node - 1], socks[other - 1], f"52:54:00:77:00:0{node}")
+        for index, (serial, (_, throttled)) in enumerate(IMAGES.items()):
+            iops = VICTIM_LEG_B_IOPS if throttled and role == "victim" else None
+            devices += qemu.shared_disk_args(index, images[serial], serial, write_iops=iops)
         script = (
             f'exec python3 "$ULOGD_GUEST/pair.py" --node {node} --role {role} --uuid {uuid} '
             f"--budget {BUDGET:.0f}"
@@ -112,27 +125,33 @@ def _boot_pair() -> PairRun:
             extra=devices,
         )  # fmt: skip
     victim, survivor = guests["victim"], guests["survivor"]
+
+    def compare(start: int) -> dict[str, list[int]]:
+        return {
+            name: differing_blocks(images[a], images[b], start, LEG_SIZE)
+            for name, (a, b) in LEGS.items()
+        }
+
     try:
         line = victim.wait_event("writing", BUDGET)
         victim.kill()
-        torn = differing_blocks(images[0], images[1], HALF, LEG_SIZE)
+        torn = compare(HALF)
         victim_run = victim.wait()
         survivor_run = survivor.wait()
     except BaseException:
         victim.kill()
         survivor.kill()
         raise
-    final = differing_blocks(images[0], images[1], 0, LEG_SIZE)
+    final = compare(0)
     (base / "host.json").write_text(json.dumps({"torn": torn, "final": final, "event": line}))
-    regions = sorted({t // REGION_BYTES for t in torn})
-    return PairRun(victim_run, survivor_run, line, torn, regions, final, base)
+    return PairRun(victim_run, survivor_run, line, torn, final, base)
 
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[PairRun]:
     run = _boot_pair()
     yield run
-    ok = run.survivor_result.get("ok") and not run.final_differing_blocks and run.torn_blocks
+    ok = run.survivor_result.get("ok") and not any(run.final_differing_blocks.values())
     if ok and not os.environ.get("ULOGD_E2E_KEEP"):
         for path in (run.victim.run_dir, run.survivor.run_dir, run.disks):
             shutil.rmtree(path, ignore_errors=True)
@@ -146,17 +165,20 @@ def test_survivor_checks_pass(pair: PairRun) -> None:
     assert sc.get("ok"), f"error={sc.get('error')} failed={failed}\n{pair.describe()}"
 
 
-def test_the_kill_left_torn_writes(pair: PairRun) -> None:
+@pytest.mark.parametrize("mirror", sorted(LEGS))
+def test_the_kill_left_torn_writes(pair: PairRun, mirror: str) -> None:
     """The test exercises what it claims: blocks the victim wrote to one leg only."""
-    assert pair.torn_blocks, f"no torn blocks right after the kill\n{pair.describe()}"
+    assert pair.torn_blocks[mirror], f"no torn blocks right after the kill\n{pair.describe()}"
 
 
-def test_legs_identical_on_the_host_afterwards(pair: PairRun) -> None:
+@pytest.mark.parametrize("mirror", sorted(LEGS))
+def test_legs_identical_on_the_host_afterwards(pair: PairRun, mirror: str) -> None:
     """Only the survivor's recovery can have repaired the torn blocks: nothing else writes
     the upper half after the kill."""
-    assert pair.final_differing_blocks == [], (
-        f"{len(pair.final_differing_blocks)} blocks differ "
-        f"(torn at the kill: {len(pair.torn_blocks)}, regions {pair.torn_regions})"
+    final = pair.final_differing_blocks[mirror]
+    assert final == [], (
+        f"{len(final)} blocks differ (torn at the kill: {len(pair.torn_blocks[mirror])}, "
+        f"regions {pair.torn_regions(mirror)})"
     )
 
 
@@ -166,8 +188,10 @@ def test_survivor_io_resumes_and_keeps_its_rate(pair: PairRun) -> None:
     before, after = info.get("rate_before"), info.get("rate_after")
     figures = (
         f"longest survivor write {stall} s (token+consensus {TOKEN_PLUS_CONSENSUS} s), "
-        f"rate before {before}/s after {after}/s, sync low {info.get('min_in_sync')}/"
-        f"{info.get('regions')}, departure to recovered "
+        f"rate before {before}/s after {after}/s, sync low "
+        f"{info.get('pair.min_in_sync')}, {info.get('pairdisk.min_in_sync')} of "
+        f"{info.get('regions')}, torn regions "
+        f"{ {m: len(pair.torn_regions(m)) for m in LEGS} }, departure to recovered "
         f"{info.get('seconds_departure_to_recovered')} s"
     )
     print(figures)

@@ -9,20 +9,24 @@ images (serials ``sharedA``/``sharedB``) to both.  In each guest this script:
 
 1. brings up the link (10.77.0.N/24), starts corosync (2 nodes, knet, ``two_node``) and ulogd
    with ``--cluster corosync``, and waits until corosync is quorate with both nodes;
-2. creates the same ``clustered-core`` mirror (``nosync``: the fresh images are identical)
-   over the shared legs — the victim first, the survivor once the victim's process group
-   exists, so the node that dies is the group's first member — and waits until the log's
-   group has both nodes;
-3. writes to its own half of the mirror: the survivor with one O_DIRECT writer of known data
-   (lower half), the victim with fio at queue depth 16 (upper half).  The host throttles the
-   victim's second leg, so the victim always has writes that reached the first leg only.
+2. creates the same two mirrors (``nosync``: the fresh images are identical) over the shared
+   images: ``pair`` with a ``clustered-core`` log (legs ``sharedA``/``sharedB``) and
+   ``pairdisk`` with a ``clustered-disk`` log on ``sharedL`` (legs ``sharedC``/``sharedD``) —
+   the victim first, the survivor once the victim's process groups exist, so the node that
+   dies is each group's first member and the disk log's server — and waits until both logs'
+   groups have both nodes;
+3. writes to its own half of each mirror: the survivor with one O_DIRECT writer of known
+   data per mirror (lower halves), the victim with fio at queue depth 16 per mirror (upper
+   halves).  The host throttles the victim's writes to the second legs, so the victim always
+   has writes that reached the first leg only.
 
 The victim then says ``writing`` on its events port (``/dev/ttyS1``) and waits; the host kills
 its QEMU (``kill -9``) and compares the upper halves of the two images at once (torn writes).
-The survivor keeps writing, records a timeline (its writer's completions, ``dmsetup status``
+The survivor keeps writing, records a timeline (its writers' completions, ``dmsetup status``
 sync counts, its ulogd's group members), waits for the departed node's regions to be marked
-out of sync and then recovered by its own kernel (ulogd cycles the local mirror), writes on
-for a while to measure its rate, and finally checks its data and that the legs are identical.
+out of sync and then recovered by its own kernel (ulogd cycles the local mirrors), writes on
+for a while to measure its rate, and finally checks its data, that the legs are identical and
+that the shared disk log, now written by the survivor, says every region is clean.
 Its checks and figures go to ``result.json`` like every e2e scenario.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlib import (
+    LOG_MAGIC,
     Daemon,
     Loop,
     MiB,
@@ -51,6 +57,7 @@ from dmlib import (
     kernel_errors,
     kmsg,
     now,
+    read_disk_log,
     run,
     userspace_table,
     verify_readback,
@@ -67,9 +74,26 @@ NODES = (1, 2)
 RUN_DIR = Path("/run/ulogd")
 ARTEFACTS = Path("/tmp/e2e-artefacts")
 COROSYNC_DIR = Path("/run/corosync-e2e")
-MIRROR = "pair"
+#: The mirrors: name -> (log type, serials of the legs, serial of the log device).
+MIRRORS: dict[str, tuple[str, tuple[str, str], str | None]] = {
+    "pair": ("clustered-core", ("sharedA", "sharedB"), None),
+    "pairdisk": ("clustered-disk", ("sharedC", "sharedD"), "sharedL"),
+}
 #: How long the survivor keeps writing after the recovery, to measure its rate.
 AFTER_SECONDS = 15.0
+ALL_CLEAN = [LOG_MAGIC, 2, REGIONS, REGIONS]  # (magic, version, nr_regions, clean regions)
+
+
+@dataclasses.dataclass
+class Shared:
+    """One mirror over the shared images, as this node sees it."""
+
+    name: str
+    uuid: str
+    kind: str
+    legs: list[Loop]
+    log_dev: str | None
+    mirror: Mirror
 
 
 def event(text: str) -> None:
@@ -119,13 +143,26 @@ def quorate_with_both() -> bool:
     return "Quorate:          Yes" in proc.stdout or "Quorate: Yes" in " ".join(proc.stdout.split())
 
 
-def shared_legs() -> list[Loop]:
-    """The shared images, by the serial the host gave them (``Loop`` over a block device)."""
+def shared_devices() -> dict[str, str]:
+    """The shared images by the serial the host gave them: serial -> /dev/vdX."""
     by_serial = {}
     for dev in Path("/sys/block").glob("vd*"):
         with contextlib.suppress(OSError):
             by_serial[(dev / "serial").read_text().strip()] = f"/dev/{dev.name}"
-    return [Loop(Path(by_serial[s]), by_serial[s]) for s in ("sharedA", "sharedB")]
+    return by_serial
+
+
+def shared_mirrors(uuid: str) -> list[Shared]:
+    devs = shared_devices()
+    out = []
+    for name, (kind, legs, log_serial) in MIRRORS.items():
+        loops = [Loop(Path(devs[s]), devs[s]) for s in legs]  # Loop: any block device works
+        log_dev = devs[log_serial] if log_serial else None
+        log_uuid = f"{uuid}-{name}"
+        table = userspace_table(SECTORS, log_uuid, kind, loops, region=REGION, sync="nosync",
+                                log_dev=log_dev)  # fmt: skip
+        out.append(Shared(name, log_uuid, kind, loops, log_dev, Mirror(name, table, SECTORS)))
+    return out
 
 
 def group_exists(uuid: str) -> bool:
@@ -151,11 +188,12 @@ def log_view(uuid: str) -> dict[str, Any] | None:
 
 
 class Timeline(threading.Thread):
-    """Samples the survivor's state every half second until halted."""
+    """Samples the survivor's state every half second until halted: writes done, and per
+    mirror its kernel's sync count and its log's group members and marked regions."""
 
-    def __init__(self, mirror: Mirror, uuid: str, writer: Writer) -> None:
+    def __init__(self, mirrors: list[Shared], writers: list[Writer]) -> None:
         super().__init__(name="timeline", daemon=True)
-        self.mirror, self.uuid, self.writer = mirror, uuid, writer
+        self.mirrors, self.writers = mirrors, writers
         self.samples: list[dict[str, Any]] = []
         self._halt = threading.Event()
 
@@ -165,21 +203,34 @@ class Timeline(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            sample: dict[str, Any] = {"t": round(now(), 2), "done": self.writer.done}
-            try:
-                st = self.mirror.status(timeout=30)
-                sample["in_sync"] = st.in_sync
-            except Exception as exc:
-                sample["status_error"] = str(exc)[:200]
-            view = log_view(self.uuid)
-            if view is not None:
-                sample["members"] = view.get("members")
-                sample["marked"] = view.get("marked")
+            sample: dict[str, Any] = {
+                "t": round(now(), 2),
+                "done": sum(w.done for w in self.writers),
+            }
+            for m in self.mirrors:
+                try:
+                    sample[f"{m.name}.in_sync"] = m.mirror.status(timeout=30).in_sync
+                except Exception as exc:
+                    sample[f"{m.name}.status_error"] = str(exc)[:200]
+                view = log_view(m.uuid)
+                if view is not None:
+                    sample[f"{m.name}.members"] = view.get("members")
+                    sample[f"{m.name}.marked"] = view.get("marked")
+                    if m.kind == "clustered-disk":
+                        sample[f"{m.name}.server"] = view.get("server")
             self.samples.append(sample)
             self._halt.wait(0.5)
 
     def first(self, pred: Any, after: float = 0.0) -> dict[str, Any] | None:
         return next((s for s in self.samples if s["t"] >= after and pred(s)), None)
+
+    def sync_change(self, name: str, lost: bool, after: float) -> dict[str, Any] | None:
+        """The first sample from ``after`` on where mirror ``name`` is out of sync
+        (``lost``) or fully in sync (not ``lost``)."""
+        key = f"{name}.in_sync"
+        if lost:
+            return self.first(lambda s: s.get(key, REGIONS) < REGIONS, after)
+        return self.first(lambda s: s.get(key) == REGIONS, after)
 
 
 def rate(samples: list[dict[str, Any]], start: float, end: float) -> float | None:
@@ -187,11 +238,11 @@ def rate(samples: list[dict[str, Any]], start: float, end: float) -> float | Non
     inside = [s for s in samples if start <= s["t"] <= end]
     if len(inside) < 2 or inside[-1]["t"] <= inside[0]["t"]:
         return None
-    return (inside[-1]["done"] - inside[0]["done"]) / (inside[-1]["t"] - inside[0]["t"])
+    return round((inside[-1]["done"] - inside[0]["done"]) / (inside[-1]["t"] - inside[0]["t"]), 1)
 
 
-def prepare(sc: Scenario, node: int, uuid: str, role: str) -> tuple[Daemon, Mirror, list[Loop]]:
-    """Link, corosync, ulogd, the shared mirror created and joined by both nodes."""
+def prepare(sc: Scenario, node: int, uuid: str, role: str) -> tuple[Daemon, list[Shared]]:
+    """Link, corosync, ulogd, the shared mirrors created and joined by both nodes."""
     link_up(node)
     sc.mark("link up")
     corosync = start_corosync()
@@ -204,91 +255,115 @@ def prepare(sc: Scenario, node: int, uuid: str, role: str) -> tuple[Daemon, Mirr
                     ["--cluster", "corosync", "--log-level", "info"])  # fmt: skip
     daemon.start(timeout=180)
     sc.mark("ulogd ready")
-    legs = shared_legs()
-    mirror = Mirror(MIRROR, userspace_table(SECTORS, uuid, "clustered-core", legs,
-                                            region=REGION, sync="nosync"), SECTORS)  # fmt: skip
-    if role == "survivor":
-        sc.require("the victim's group appears", wait_for(lambda: group_exists(uuid), 240, 0.5))
-    mirror.create()
-    sc.mark("mirror created")
-    both = wait_for(lambda: (log_view(uuid) or {}).get("members") == list(NODES), 240, 0.5)
-    sc.require("the log's group has both nodes", both, log_view(uuid))
-    sc.mark("group of two")
-    return daemon, mirror, legs
+    mirrors = shared_mirrors(uuid)
+    for m in mirrors:
+        if role == "survivor":
+            appeared = wait_for(lambda m=m: group_exists(m.uuid), 240, 0.5)
+            sc.require(f"{m.name}: the victim's group appears", appeared)
+        m.mirror.create()
+    sc.mark("mirrors created")
+    for m in mirrors:
+        both = wait_for(
+            lambda m=m: (log_view(m.uuid) or {}).get("members") == list(NODES), 240, 0.5
+        )
+        sc.require(f"{m.name}: the log's group has both nodes", both, log_view(m.uuid))
+    sc.mark("groups of two")
+    return daemon, mirrors
 
 
 def victim(sc: Scenario, node: int, uuid: str) -> None:
-    _daemon, mirror, _legs = prepare(sc, node, uuid, "victim")
-    fio = subprocess.Popen(
-        ["fio", "--name=victim", f"--filename={mirror.path}", "--rw=randwrite", "--bs=4k",
-         "--direct=1", "--ioengine=libaio", "--iodepth=16", f"--offset={HALF}",
-         f"--size={HALF}", "--time_based", "--runtime=3600", "--randrepeat=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    _daemon, mirrors = prepare(sc, node, uuid, "victim")
+    argv = ["fio", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=libaio",
+            "--iodepth=16", f"--offset={HALF}", f"--size={HALF}", "--time_based",
+            "--runtime=3600", "--randrepeat=0"]  # fmt: skip
+    for m in mirrors:
+        argv += [f"--name={m.name}", f"--filename={m.mirror.path}"]
+    fio = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(8)
-    view = log_view(uuid) or {}
+    marked = {m.name: (log_view(m.uuid) or {}).get("marked") for m in mirrors}
     sc.check("fio runs", fio.poll() is None, fio.returncode)
-    sc.info["marked_before_kill"] = view.get("marked")
-    event(f"writing marked={view.get('marked')}")
+    sc.info["marked_before_kill"] = marked
+    event("writing " + " ".join(f"{k}.marked={v}" for k, v in marked.items()))
     time.sleep(600)  # the host kills this guest now
     sc.check("the host killed this guest", False, "still alive 600 s after 'writing'")
 
 
 def survivor(sc: Scenario, node: int, uuid: str) -> None:
     since = len(dmesg().splitlines())
-    daemon, mirror, legs = prepare(sc, node, uuid, "survivor")
-    expected: dict[int, bytes] = {}
-    writer = Writer(mirror.path, HALF, f"n{node}", count=None, expected=expected, seed=node)
-    timeline = Timeline(mirror, uuid, writer)
-    writer.start()
+    daemon, mirrors = prepare(sc, node, uuid, "survivor")
+    expected: dict[str, dict[int, bytes]] = {m.name: {} for m in mirrors}
+    writers = [Writer(m.mirror.path, HALF, f"n{node}-{m.name}", count=None,
+                      expected=expected[m.name], seed=node) for m in mirrors]  # fmt: skip
+    timeline = Timeline(mirrors, writers)
+    for w in writers:
+        w.start()
     timeline.start()
     event("writing")
     t_start = now()
-    alone = wait_for(lambda: (log_view(uuid) or {}).get("members") == [node], 420, 0.5)
-    sc.require("the victim leaves the log's group (killed by the host)", alone, log_view(uuid))
-    departed = timeline.first(lambda s: s.get("members") == [node])
+
+    def alone() -> bool:
+        return all((log_view(m.uuid) or {}).get("members") == [node] for m in mirrors)
+
+    sc.require("the victim leaves the logs' groups (killed by the host)", wait_for(alone, 420, 0.5),
+               [log_view(m.uuid) for m in mirrors])  # fmt: skip
+    departed = timeline.first(lambda s: all(s.get(f"{m.name}.members") == [node] for m in mirrors))
     t_departed = departed["t"] if departed else now()
     sc.mark("victim gone")
-    lost = wait_for(lambda: bool(timeline.first(lambda s: s.get("in_sync", REGIONS) < REGIONS,
-                                                t_departed - 1)), 120, 0.5)  # fmt: skip
-    lost_sample = timeline.first(lambda s: s.get("in_sync", REGIONS) < REGIONS, t_departed - 1)
-    sc.check("the victim's marked regions are out of sync after it died", lost, lost_sample)
-    recovered = wait_for(
-        lambda: bool(timeline.first(lambda s: s.get("in_sync") == REGIONS,
-                                    lost_sample["t"] if lost_sample else t_departed)),
-        300, 0.5,
-    )  # fmt: skip
-    sc.require("the survivor's kernel recovers them (sync count back to N/N)", recovered,
-               timeline.samples[-3:])  # fmt: skip
-    back = timeline.first(lambda s: s.get("in_sync") == REGIONS,
-                          lost_sample["t"] if lost_sample else t_departed)  # fmt: skip
-    t_recovered = back["t"] if back else now()
+    t_recovered = t_departed
+    for m in mirrors:
+        if m.kind == "clustered-disk":
+            servers = [x.get(f"{m.name}.server") for x in timeline.samples]
+            sc.equal(f"{m.name}: the victim served the disk log while it lived", servers[0], 1)
+            now_serving = (log_view(m.uuid) or {}).get("server")
+            sc.equal(f"{m.name}: the survivor serves the disk log after it died", now_serving, node)
+    for m in mirrors:
+        lost = wait_for(
+            lambda m=m: timeline.sync_change(m.name, True, t_departed - 1) is not None, 120, 0.5
+        )
+        at = timeline.sync_change(m.name, True, t_departed - 1)
+        sc.check(f"{m.name}: the victim's marked regions are out of sync after it died", lost, at)
+        t_lost = at["t"] if at else t_departed
+        recovered = wait_for(
+            lambda m=m, t=t_lost: timeline.sync_change(m.name, False, t) is not None, 300, 0.5
+        )
+        sc.require(f"{m.name}: the survivor's kernel recovers them (sync count back to N/N)",
+                   recovered, timeline.samples[-3:])  # fmt: skip
+        back = timeline.sync_change(m.name, False, t_lost)
+        t_recovered = max(t_recovered, back["t"] if back else now())
+        counts = [x[f"{m.name}.in_sync"] for x in timeline.samples if f"{m.name}.in_sync" in x]
+        sc.info[f"{m.name}.min_in_sync"] = min(counts, default=None)
     sc.mark("recovered")
     time.sleep(AFTER_SECONDS)
-    writer.halt()
-    writer.join(timeout=120)
+    for w in writers:
+        w.halt()
+    for w in writers:
+        w.join(timeout=120)
     timeline.halt()
     t_end = now()
     samples = timeline.samples
-    min_sync = min((s["in_sync"] for s in samples if "in_sync" in s), default=None)
     sc.info.update(
         regions=REGIONS,
-        min_in_sync=min_sync,
         seconds_departure_to_recovered=round(t_recovered - t_departed, 1),
-        writes=writer.done,
-        max_write_latency_s=round(writer.max_latency, 2),
+        writes=sum(w.done for w in writers),
+        max_write_latency_s=round(max(w.max_latency for w in writers), 2),
         rate_before=rate(samples, t_start, t_departed - 3),
         rate_after=rate(samples, t_recovered, t_end),
         timeline=samples,
     )
-    sc.equal("no write errors on the survivor", writer.errors, [])
-    st = mirror.wait_synced(timeout=120)
-    sc.check("mirror in sync at the end", st.synced, st.raw)
-    bad = verify_readback(mirror.path, expected)
-    sc.equal("the survivor's data reads back", bad[:10], [])
-    mirror.remove()
-    ok, detail = compare_legs(legs)
-    sc.check("legs identical after the recovery", ok, detail)
+    for m, w in zip(mirrors, writers, strict=True):
+        sc.equal(f"{m.name}: no write errors on the survivor", w.errors, [])
+        st = m.mirror.wait_synced(timeout=120)
+        sc.check(f"{m.name}: mirror in sync at the end", st.synced, st.raw)
+        if m.kind == "clustered-disk":
+            sc.equal(f"{m.name}: the survivor serves the disk log, healthy", st.log[-1:], ["A"])
+        bad = verify_readback(m.mirror.path, expected[m.name])
+        sc.equal(f"{m.name}: the survivor's data reads back", bad[:10], [])
+        m.mirror.remove()
+        ok, detail = compare_legs(m.legs)
+        sc.check(f"{m.name}: legs identical after the recovery", ok, detail)
+        if m.log_dev is not None:
+            sc.equal(f"{m.name}: the shared disk log says all clean after remove",
+                     read_disk_log(m.log_dev, REGIONS), ALL_CLEAN)  # fmt: skip
     sc.equal("ulogd exits 0 on SIGTERM", daemon.stop(), 0)
     sc.equal("no Python tracebacks in the ulogd log", daemon.log_text().count("Traceback"), 0)
     sc.equal("no kernel errors", kernel_errors(dmesg(), since), [])
