@@ -10,14 +10,17 @@ alternating order every round, fio ``randwrite`` 4 KiB ``direct`` (libaio) at ea
 * a linear device (no mirror),
 * a mirror with the kernel's own ``core`` log (the baseline every ratio refers to),
 * a mirror with ``userspace`` + ulogd (``clustered-core``),
-* the same with ``integrated_flush``.
+* the same with ``integrated_flush``,
+* the ``clustered-core`` mirror served by ``bench/guest/naive_responder.py``: a stateless
+  blocking stdlib loop that answers every request (second baseline: what any Python server
+  pays for the kernel's round trips; ulogd is stopped while it runs).
 
 Figures are medians over the rounds; ratios are the median of the per-round ratios to the
-``core`` log at the same iodepth.  For the ulogd legs the daemon (run through
-``bench/guest/ulogd_timed.py``) reports the number of requests per write and its service time
-(``Server.receive``: decode -> apply -> encode, and the whole event-loop turn per datagram,
-socket calls included); a final leg runs it under cProfile.  Targets: ulogd >= 0.35 / >= 0.5
-of the core log at iodepth 1 / 16.  Prints a table and writes JSON (and the profile) to
+``core`` log (and to the naive responder) at the same iodepth.  For the ulogd legs the daemon
+(run through ``bench/guest/ulogd_timed.py``) reports the number of requests per write and its
+service time (``Server.receive``: decode -> apply -> encode, and the whole event-loop turn per
+datagram, socket calls included); a final leg runs it under cProfile.  Targets: ulogd >= 0.35
+/ >= 0.5 of the core log at iodepth 1 / 16.  Prints a table and writes JSON (and the profile) to
 ``bench/results/``.
 """
 
@@ -37,7 +40,7 @@ import common
 from ulogd.testing.qemu import run_in_guest
 
 TARGETS = {1: 0.35, 16: 0.5}
-DEVICES = ("linear", "core", "ulogd", "ulogd-if")
+DEVICES = ("linear", "core", "ulogd", "ulogd-if", "naive")
 
 
 def analyse(result: dict[str, Any], depths: list[int]) -> dict[str, Any]:
@@ -57,10 +60,16 @@ def analyse(result: dict[str, Any], depths: list[int]) -> dict[str, Any]:
                 for r in rounds
                 if r in per_round[dev] and per_round["core"][r]
             ]
+            to_naive = [
+                per_round[dev][r] / per_round["naive"][r]
+                for r in rounds
+                if r in per_round[dev] and per_round["naive"].get(r)
+            ]
             entry[dev] = {
                 "iops": common.median(values) if values else None,
                 "iops_rounds": values,
                 "to_core": common.median(ratios) if ratios else None,
+                "to_naive": common.median(to_naive) if to_naive else None,
             }
         for dev in ("ulogd", "ulogd-if"):
             stats = [leg["ulogd"] for leg in legs if leg["depth"] == depth and leg["device"] == dev]
@@ -134,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
             print(
-                f"{dev} qd{depth}: {e.get('requests_per_write', 0):.2f} requests/write, "
+                f"{dev} qd{depth}: {e['to_naive']:.2f} of the naive responder, "
+                f"{e.get('requests_per_write', 0):.2f} requests/write, "
                 f"Server.receive {e.get('receive_us', 0):.0f} us, loop turn "
                 f"{e.get('loop_us_per_datagram', 0):.0f} us/datagram, daemon busy "
                 f"{e.get('daemon_busy_fraction', 0) * 100:.0f} %{verdict}"

@@ -11,7 +11,12 @@ Builds, on loop devices over files in the guest's tmpfs (128 MiB legs, 256 regio
 * ``linear`` — one leg, no mirror;
 * ``core`` — ``mirror core 2 1024 nosync``: the kernel's own in-memory dirty log;
 * ``ulogd`` — ``mirror userspace 4 <uuid> clustered-core 1024 nosync``, served by ulogd;
-* ``ulogd-if`` — the same with ``integrated_flush``.
+* ``ulogd-if`` — the same with ``integrated_flush``;
+* ``naive`` — the ``ulogd`` table served by ``naive_responder.py`` instead: a blocking
+  stdlib loop that answers every request without keeping any state (the floor a Python
+  server pays for the round trips alone).  Only one server can listen on the connector, so
+  ulogd is stopped (its state kept) while the ``naive`` legs run, and the ``naive`` mirror
+  exists only during them.
 
 ulogd runs through ``ulogd_timed.py`` (the daemon with timers on its request path).  For each
 round, each iodepth and each device (in an order that rotates every round) fio does 4 KiB
@@ -102,6 +107,56 @@ class Daemon:
         self.log.close()
 
 
+class Naive:
+    """naive_responder.py, with the ``naive`` mirror created on start and removed on stop."""
+
+    def __init__(self, table: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "naive_responder.py")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError(f"naive responder did not start: {line!r}")
+        sh("dmsetup", "create", "bench-naive", "--table", table)
+
+    def stop(self) -> None:
+        sh("dmsetup", "remove", "bench-naive")
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+class Servers:
+    """Whichever server the next leg needs: ulogd (all ulogd mirrors) or the naive one."""
+
+    def __init__(self, naive_table: str) -> None:
+        self.naive_table = naive_table
+        self.daemon: Daemon | None = Daemon()
+        self.naive: Naive | None = None
+        self.restarts = 0
+
+    def use(self, name: str) -> Daemon | None:
+        if name == "naive" and self.naive is None:
+            if self.daemon is not None:
+                self.daemon.stop()
+                self.daemon = None
+            self.naive = Naive(self.naive_table)
+        elif name != "naive" and self.naive is not None:
+            self.naive.stop()
+            self.naive = None
+        if name.startswith("ulogd") and self.daemon is None:
+            self.daemon = Daemon()
+            self.restarts += 1
+        return self.daemon
+
+    def stop(self) -> None:
+        if self.naive is not None:
+            self.naive.stop()
+        if self.daemon is not None:
+            self.daemon.stop()
+
+
 def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     types = set(a["requests"]) | set(b["requests"])
     req = {t: b["requests"].get(t, 0) - a["requests"].get(t, 0) for t in types}
@@ -146,8 +201,12 @@ def main() -> int:
     os.environ["DM_DISABLE_UDEV"] = "1"
     WORK.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    daemon = Daemon()
     result: dict[str, Any] = {"legs": [], "rounds": args.rounds, "runtime": args.runtime}
+    naive_table = (
+        f"0 {SECTORS} mirror userspace 4 bench-fio-naive clustered-core {REGION} "
+        f"nosync 2 {loop('n0')} 0 {loop('n1')} 0 1 handle_errors"
+    )
+    servers = Servers(naive_table)
     try:
         names = ["linear", "core", "ulogd", "ulogd-if"]
         tables = {
@@ -163,21 +222,26 @@ def main() -> int:
             sh("dmsetup", "create", f"bench-{name}", "--table", tables[name])
         result["tables"] = tables
         result["status"] = {n: sh("dmsetup", "status", f"bench-{n}").strip() for n in names}
+        result["tables"]["naive"] = naive_table
         result["setup_s"] = time.monotonic() - t_start
+        legs = [*names, "naive"]
         for rnd in range(args.rounds):
             for depth in args.depths:
-                order = names[rnd % len(names) :] + names[: rnd % len(names)]
+                order = legs[rnd % len(legs) :] + legs[: rnd % len(legs)]
                 for name in order:
-                    before = daemon.snapshot() if name.startswith("ulogd") else None
+                    daemon = servers.use(name)
+                    before = daemon.snapshot() if name.startswith("ulogd") and daemon else None
                     leg: dict[str, Any] = {"round": rnd, "depth": depth, "device": name}
                     leg.update(fio(f"/dev/mapper/bench-{name}", depth, args.runtime))
-                    if before is not None:
+                    if before is not None and daemon is not None:
                         d = delta(before, daemon.snapshot())
                         d["requests_per_write"] = d["requests"] / leg["ios"] if leg["ios"] else 0
                         leg["ulogd"] = d
                     result["legs"].append(leg)
                     print(json.dumps(leg), flush=True)
         # profile leg (not counted in the medians)
+        daemon = servers.use("ulogd")
+        assert daemon is not None
         daemon.toggle_profile()
         time.sleep(0.5)
         prof = fio("/dev/mapper/bench-ulogd", max(args.depths), args.runtime)
@@ -187,8 +251,9 @@ def main() -> int:
         result["status_after"] = {n: sh("dmsetup", "status", f"bench-{n}").strip() for n in names}
         for name in names:
             sh("dmsetup", "remove", f"bench-{name}")
+        result["ulogd_restarts"] = servers.restarts
     finally:
-        daemon.stop()
+        servers.stop()
         sh("losetup", "-D")
         args.outdir.mkdir(parents=True, exist_ok=True)
         for f in ("profile.txt", "ulogd.log"):
