@@ -32,6 +32,17 @@ def test_scalars_and_identity_round_trip(tmp_path: Path) -> None:
     assert loaded.load_scalars() == s
 
 
+def test_each_flag_round_trips_alone(tmp_path: Path) -> None:
+    """Every boolean scalar has its own bit: set alone, it comes back alone."""
+    sd = StateDir(tmp_path)
+    st = sd.create("LVM-c", 1, 5, 2, "10 core 2")
+    for i in range(5):
+        flags = [k == i for k in range(5)]
+        s = Scalars(1, -1, 0, *flags)
+        st.save_scalars(s)
+        assert st.load_scalars() == s, flags
+
+
 def test_damaged_files_are_moved_aside_not_used(tmp_path: Path) -> None:
     sd = StateDir(tmp_path)
     good = sd.create("LVM-good", 1, 10, 2, "20 core 2")

@@ -64,7 +64,15 @@ def bitmap_bytes(region_count: int) -> int:
 
 
 def _pack_flags(s: Scalars) -> int:
-    return sum(1 << i for i, name in enumerate(_FLAGS) if getattr(s, name))
+    """The flags in ``_FLAGS`` order, bit 0 first (unrolled: this runs before every reply that
+    changed a scalar, and a generator over ``_FLAGS`` cost a microsecond)."""
+    return (
+        int(s.resumed)
+        | s.recovery_halted << 1
+        | s.in_sync_override << 2
+        | s.disk_loaded << 3
+        | s.disk_failed << 4
+    )
 
 
 @dataclass(frozen=True, slots=True)
