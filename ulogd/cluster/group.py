@@ -36,6 +36,11 @@ they run:
   the disk server the next server rewrites the whole log and answers the flushes that waited
   for the old one, at once.  A member that lost its own corosync and comes back marks the
   regions its kernel still holds again before anything else.
+* **Partition merges.**  At a NODEUP change every member contributes its replica or says it
+  has none; events wait until every contribution is in (or its sender left), then all
+  replicas combine them alike (:meth:`RegionLog.merge_from`).  The round's events are then
+  replayed, and one checkpoint serves the members that took part without state and those
+  that joined during the round.
 * **Alone.**  A member that is alone in its group, quorate, with nothing in flight applies
   requests directly (:meth:`Group.direct`): a one-member ring costs a full CPU per message.
 """
@@ -176,6 +181,7 @@ class Group:
         self._leaving: wire.Request | None = None
         self._merge: _Merge | None = None
         self._changes = 0  # configuration changes seen since our own join
+        self._hold_duty = False  # no checkpoint starts while a merge round begins or replays
         #: regions this node held when its corosync connection was lost (marked again on rejoin)
         self.own_marks: list[int] = []
         self.dropped = 0  # corrupt or foreign messages
@@ -295,7 +301,7 @@ class Group:
         if self._merge is not None:
             return self._merge_confchg(members_t, tuple(left), event)
         if nodeup and any(mm in members_t for mm in nodeup):
-            return self._start_merge(members_t, tuple(left), tuple(joined), tuple(nodeup))
+            return self._start_merge(members_t, tuple(left), tuple(nodeup))
         self._changes += 1
         if self.phase is Phase.JOINING:
             self._queue.append((self.index, event))
@@ -311,7 +317,6 @@ class Group:
         self,
         members: tuple[MemberId, ...],
         left: tuple[MemberId, ...],
-        joined: tuple[MemberId, ...],
         nodeup: tuple[MemberId, ...],
     ) -> list[Action]:
         """Partitions merged: every member contributes its state as of this change (or says it
@@ -320,8 +325,12 @@ class Group:
         actions: list[Action] = []
         if self.phase is Phase.VALID:
             # Departures seen in this change still count (a node on the far side may have
-            # crashed); NODEUP members are not joiners, they bring their own state.
-            actions += self._apply_confchg(members, left, tuple(j for j in joined if j in nodeup))
+            # crashed).  Nobody is a joiner yet and no checkpoint starts: every member of the
+            # change takes part in the round, and those without state become joiners when it
+            # completes (a checkpoint started now would be abandoned right away).
+            self._hold_duty = True
+            actions += self._apply_confchg(members, left, ())
+            self._hold_duty = False
         self.members = members
         self.log.members = {n for n, _ in members}
         log.warning("partitions merged (%d member(s) came back): combining replicas", len(nodeup))
@@ -336,6 +345,11 @@ class Group:
                 for i, chunk in enumerate(parts)
             ]
         else:
+            # What this member waited for on its side is moot: it counts from the merge change
+            # (0) like everybody who takes part without state (see _merge_complete).
+            self.index = 0
+            self._queue = []
+            self._assembly = None
             self.in_flight += 1
             actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(members), b"")))
         return actions
@@ -423,23 +437,32 @@ class Group:
             # group's index ``base`` and each later event ``base + position`` — the numbering
             # members that joined during the round use too.
             base = self.index - 1
+            # No checkpoint starts during the replay: the members that took part without state
+            # become joiners only at the round's last event (that is where they count from), and
+            # a snapshot taken earlier would not list them as joiners.  One checkpoint at the
+            # end serves them and everybody who joined during the round.
+            self._hold_duty = True
             for pos, event in merge.queue:
                 actions += self._replay(base + pos, event)
+            self._hold_duty = False
             self.index = base + merge.pos
             for member in merge.expect:
                 if member in self.members and member not in self.valid:
-                    self.joiners.setdefault(member, self.index)  # took part without state
+                    self.joiners.setdefault(member, base)  # took part without state
             actions += self._checkpoint_duty()
         else:
-            # Still without state: the merged group's checkpoint comes later, counted from here.
-            self.index = 0
-            self._queue = []
+            # Still without state.  Every member that took part without state counts from the
+            # merge change (0), the change members holding state name as its join.  They form
+            # the oldest cohort after the members still holding state (contributors that left
+            # during the round are gone: their departures are among the round's events);
+            # members that joined during the round are younger, and the changes that admitted
+            # them stay queued for a master among us to number their joins.
+            self.valid -= merge.departed
+            self.index = merge.pos
+            self._queue = [(pos, event) for pos, event in merge.queue if event[0] == "confchg"]
             self._elders = set(self.valid)
-            self._cohort = set(self.members) - self.valid
-            if not self.valid:
-                self._elders = set()
-                self._cohort = set(self.members)
-                actions += self._maybe_master()
+            self._cohort = (merge.expect & set(self.members)) - self.valid
+            actions += self._maybe_master()
         return actions
 
     def _maybe_master(self) -> list[Action]:
@@ -462,8 +485,10 @@ class Group:
         queued, self._queue = self._queue, []
         actions: list[Action] = [Ready(master=True)]
         actions += self._checkpoint_duty()
+        current = self.index
         for idx, event in queued:
             actions += self._replay(idx, event)
+        self.index = current
         return actions
 
     def _apply_confchg(
@@ -515,7 +540,7 @@ class Group:
         return []
 
     def _checkpoint_duty(self) -> list[Action]:
-        if not self.joiners or self.sender is not None:
+        if self._hold_duty or not self.joiners or self.sender is not None:
             return []
         sender = min(self.valid) if self.valid else None
         self.sender = sender
@@ -562,11 +587,16 @@ class Group:
             if self._merge is None:
                 # The change that admitted us was a partition merge for the others (our node
                 # came back): take part, saying we hold no state, so the round can complete.
+                # Our join was the merge change (position 0): what we queued since is the
+                # round's, and members of the change that left since are its departures.
                 expect = {(t.nodeid, t.pid) for t in message.members}
-                self._merge = _Merge(expect=expect & set(self.members))
+                present = set(self.members)
+                self._merge = _Merge(expect=expect & present, departed=expect - present)
+                self._merge.queue, self._queue = self._queue, []
+                self._assembly = None
                 self.in_flight += 1
                 actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(expect), b"")))
-                self._merge.pos = self.index - 1  # our join was the merge change (position 0)
+                self._merge.pos = self.index - 1
             self._merge.pos += 1
             actions += self._merge_chunk(sender, message)
         elif self._merge is not None:
