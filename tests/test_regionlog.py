@@ -238,3 +238,128 @@ def test_invariants_hold_under_any_request_sequence(seq: list) -> None:
                 assert not rl.clean[r], "a held region is clean"
             if rl.clean[r]:
                 assert rl.sync[r], "an out-of-sync region is clean"
+
+
+# -- partition merges --------------------------------------------------------------------------
+C = 3
+
+
+def state(rl: RegionLog) -> tuple[object, ...]:
+    n = rl.region_count
+    return (
+        rl.clean[:n].to01(), rl.sync[:n].to01(), rl.sync_count,
+        {r: frozenset(h) for r, h in rl.holders.items()},
+        rl.recovering, rl.recoverer, rl.sync_search, tuple(rl.priority), rl.disk_failed,
+    )  # fmt: skip
+
+
+def copy_of(rl: RegionLog) -> RegionLog:
+    other = rl.blank_copy()
+    other.clean[:] = rl.clean
+    other.sync[:] = rl.sync
+    other.sync_count = rl.sync_count
+    other.holders = {r: set(h) for r, h in rl.holders.items()}
+    other.sync_search, other.recovering, other.recoverer = (
+        rl.sync_search, rl.recovering, rl.recoverer,
+    )  # fmt: skip
+    other.priority = list(rl.priority)
+    return other
+
+
+def test_merge_takes_each_nodes_marks_from_its_own_side_only() -> None:
+    """Side {A} is an old replica (A's corosync died and came back): it still shows B's mark
+    on 5, which B cleared on its own side {B, C}.  A's own mark on 7 is A's side's word."""
+    old = make(b"1024 clustered-core 64 nosync")
+    old.mark(B, [5])
+    old.mark(A, [7])
+    live = make(b"1024 clustered-core 64 nosync")
+    live.mark(C, [9])
+    lost = old.merge_from([(old, {A}), (live, {B, C})])
+    assert lost == []
+    assert old.holders == {7: {A}, 9: {C}}
+    assert old.is_clean(5) == (0, 1) and old.is_clean(7) == (0, 0) and old.is_clean(9) == (0, 0)
+    assert old.sync_count == 16
+
+
+def test_merge_loses_sync_where_a_node_on_no_side_held_marks() -> None:
+    """C is on neither side (it left while A was away): whatever it may have written is
+    recovered, like at any departure."""
+    old = make(b"1024 clustered-core 64 nosync")
+    old.mark(C, [4])
+    old.sync_search = 10
+    live = make(b"1024 clustered-core 64 nosync")
+    assert live.merge_from([(old, {A}), (live, {B})]) == [4]
+    assert live.holders == {} and live.in_sync(4) == (0, 0) and live.is_clean(4) == (0, 0)
+    assert live.sync_search == 0 and live.get_resync_work(B) == (1, 4)
+
+
+def test_merge_keeps_a_region_dirty_that_a_side_does_not_call_clean() -> None:
+    """Out of sync on one side, or dirty there without a holder (recovered, not cleared yet):
+    not clean.  Held and in sync there: clean once nobody holds it any more."""
+    a = make(b"1024 clustered-core 64 nosync")
+    b = make(b"1024 clustered-core 64 nosync")
+    a.set_region_sync(A, 1, False)
+    a.set_region_sync(A, 2, False)
+    a.set_region_sync(A, 2, True)  # recovered, nobody cleared it yet
+    b.mark(B, [3])
+    b.mark(A, [3])  # old: A cleared 3 on its own side
+    assert b.merge_from([(a, {A}), (b, {B})]) == [1]
+    assert [b.is_clean(r)[1] for r in (1, 2, 3)] == [0, 0, 0] and b.holders == {3: {B}}
+    b.clear(B, [3])
+    assert b.is_clean(3) == (0, 1)
+
+
+def test_merge_recovery_assignment_survives_only_if_every_side_agrees() -> None:
+    a = make()
+    b = make()
+    assert a.get_resync_work(A) == (1, 0) and b.get_resync_work(A) == (1, 0)
+    a.merge_from([(a, {A}), (b, {B})])
+    assert (a.recovering, a.recoverer) == (0, A)
+    c = make()
+    assert c.get_resync_work(B) == (1, 0)
+    a.merge_from([(a, {A}), (c, {B})])
+    assert (a.recovering, a.recoverer) == (-1, -1)
+
+
+side_ops = st.lists(
+    st.tuples(st.sampled_from(["mark", "clear", "lose", "sync"]), st.integers(1, 4),
+              st.integers(0, 15)),
+    max_size=20,
+)  # fmt: skip
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(side_ops, st.sets(st.integers(1, 4), max_size=3)), min_size=1,
+                max_size=4), st.randoms(use_true_random=False))  # fmt: skip
+def test_merge_is_alike_in_any_order_and_keeps_the_invariants(sides: list, rnd: object) -> None:
+    """Every member merges the same contributions in its own order: same result; clean
+    implies in sync and not held; sync_count is the popcount; no side-member's mark is lost."""
+    logs = []
+    for ops_, nodes in sides:
+        rl = make(b"1024 clustered-core 64 nosync")
+        for op, node, r in ops_:
+            if op == "mark":
+                rl.mark(node, [r])
+            elif op == "clear":
+                rl.clear(node, [r])
+            elif op == "lose":
+                rl.set_region_sync(node, r, False)
+            else:
+                rl.set_region_sync(node, r, True)
+        logs.append((rl, nodes))
+    results = []
+    for _ in range(3):
+        order = list(logs)
+        rnd.shuffle(order)  # type: ignore[attr-defined]
+        target = copy_of(order[0][0])
+        contributions = [(target, order[0][1])] + [(copy_of(rl), s) for rl, s in order[1:]]
+        target.merge_from(contributions)
+        results.append(state(target))
+        n = target.region_count
+        assert target.sync_count == target.sync.count(1, 0, n)
+        assert not (target.clean[:n] & ~target.sync[:n]).any()
+        assert not any(target.clean[r] for r in target.holders)
+        for rl, nodes in logs:
+            for r, h in rl.holders.items():
+                assert h & nodes <= target.holders.get(r, set())
+    assert results[0] == results[1] == results[2]

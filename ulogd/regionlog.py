@@ -37,7 +37,7 @@ originating member's id and keeps ``members`` current.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import NamedTuple
 
 from bitarray import bitarray
@@ -431,28 +431,68 @@ class RegionLog:
         self.members.discard(node)
         return lost
 
-    def merge_from(self, others: list[RegionLog]) -> None:
-        """Combine the replicas of partitions that merged, conservatively and alike in any
-        order: a region is clean or in sync only if it is so on every side; every side's mark
-        references are kept; a recovery assignment survives only if all sides agree.  The
-        whole disk log is rewritten afterwards."""
+    def merge_from(self, sides: Sequence[tuple[RegionLog, Collection[int]]]) -> list[int]:
+        """Combine the replicas of partitions that merged, alike in any order.  ``sides``
+        holds each side's replica (this one's among them) with the node ids that held state
+        on that side:
+
+        * a node's mark references come only from the side it was on: that side applied every
+          MARK and CLEAR it sent, any other side's copy is old (a node whose corosync died
+          comes back with a replica that still shows marks cleared since);
+        * a node on no side has left the merged group: every region a side says it holds
+          loses sync, as at any departure;
+        * a region is in sync only if every side says so, and clean only if it is in sync,
+          nobody holds it, and every side says it is clean or would become clean once its
+          holders there clear it (held and in sync);
+        * a recovery assignment survives only if every side agrees and its node is on a
+          side; the priority lists unite.
+
+        Returns the regions that lost sync in this replica.  The whole disk log is rewritten
+        afterwards."""
         n = self.region_count
-        for other in others:
-            self.clean[:n] &= other.clean[:n]
-            self.sync[:n] &= other.sync[:n]
-            for region, nodes in other.holders.items():
-                self.holders.setdefault(region, set()).update(nodes)
-            self.sync_search = min(self.sync_search, other.sync_search)
-            if (other.recovering, other.recoverer) != (self.recovering, self.recoverer):
-                self.recovering, self.recoverer = -1, -1
-            self.priority = sorted(set(self.priority) | set(other.priority))
-            self.disk_failed = self.disk_failed or other.disk_failed
-            self.in_sync_override = self.in_sync_override and other.in_sync_override
-        for region in self.holders:
-            self.clean[region] = 0
-        self.sync_count = self.sync.count(1, 0, n)
+        on_side = {node for _, nodes in sides for node in nodes}
+        sync = bitarray(n, endian="little")
+        sync.setall(1)
+        clean = sync.copy()
+        holders: dict[int, set[int]] = {}
+        orphaned: set[int] = set()  # regions held by a node on no side
+        assignments = set()
+        for other, nodes in sides:
+            sync &= other.sync[:n]
+            settled = other.clean[:n]
+            for region, held_by in other.holders.items():
+                if other.sync[region]:
+                    settled[region] = 1  # clean once its holders clear it
+                for node in held_by:
+                    if node in nodes:
+                        holders.setdefault(region, set()).add(node)
+                    elif node not in on_side:
+                        orphaned.add(region)
+            clean &= settled
+            assignments.add((other.recovering, other.recoverer))
+        for region in orphaned:
+            sync[region] = 0
+        clean &= sync
+        for region in holders:
+            clean[region] = 0
+        lost = sorted((self.sync[:n] & ~sync).search(1))
+        self.sync[:n] = sync
+        self.clean[:n] = clean
+        self.holders = holders
+        self.sync_count = sync.count(1)
+        self.sync_search = min(
+            [other.sync_search for other, _ in sides] + sorted(orphaned)[:1], default=0
+        )
+        recovering, recoverer = assignments.pop() if len(assignments) == 1 else (-1, -1)
+        if recoverer not in on_side:
+            recovering, recoverer = -1, -1
+        self.recovering, self.recoverer = recovering, recoverer
+        self.priority = sorted({r for other, _ in sides for r in other.priority})
+        self.disk_failed = any(other.disk_failed for other, _ in sides)
+        self.in_sync_override = all(other.in_sync_override for other, _ in sides)
         self.full_write = self.has_disk
         self.scalars_changed = True
+        return lost
 
     def rewrite_whole_log(self) -> None:
         """The disk server changed (or partitions merged): what reached the device is
@@ -466,10 +506,12 @@ class RegionLog:
         if self.has_disk:
             self.disk_loaded = False
 
-    def lose_all_sync(self) -> None:
+    def lose_all_sync(self) -> list[int]:
         """Nothing about the legs can be trusted (a partition's writers vanished unseen):
-        every region is out of sync and not clean; recovery starts from the beginning."""
+        every region is out of sync and not clean; recovery starts from the beginning.
+        Returns the regions that were in sync."""
         n = self.region_count
+        lost = list(self.sync[:n].search(1))
         self.sync[:n] = 0
         self.clean[:n] = 0
         self.sync_count = 0
@@ -478,6 +520,7 @@ class RegionLog:
         self.recoverer = -1
         self.full_write = self.has_disk
         self.scalars_changed = True
+        return lost
 
     # ------------------------------------------------------------------ status
     def health(self) -> str:

@@ -190,8 +190,9 @@ def _check_quiescent(u: UlogdCluster, writers: dict[int, Writer]) -> int:
         return views[1]
 
     # Stale marks: regions nobody's ledger holds that stay dirty (a revived node's old
-    # replica brings back marks cleared meanwhile: test_revived_corosync_node_...).  Safe,
-    # but they would pile up: count them, then let every kernel clear them.
+    # replica brought back marks cleared meanwhile until merges took each node's marks from
+    # its own side: test_revived_corosync_node_...).  Safe, but they would pile up: count
+    # them (the summary shows them), then let every kernel clear them.
     view = wait_until(same_everywhere, 10.0, "identical replicas")
     stale = sorted(r for r, (clean, _) in view.items() if not clean and r not in union)
     if stale:
@@ -326,14 +327,11 @@ def test_chaos_many_cycles(ulogd_three: UlogdCluster) -> None:
     assert sum(summary["faults"].values()) == cycles  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this chaos test: a node whose corosync was killed comes back as the "
-    "first member of its own group with its old replica, and the partition merge keeps every "
-    "side's mark references, so marks other nodes cleared meanwhile come back (stale marks: "
-    "the region stays dirty and counted as marked until its old holder clears it again)",
-)
 def test_revived_corosync_node_does_not_resurrect_cleared_marks(ulogd_three: UlogdCluster) -> None:
+    """Found by the chaos test: node 1's corosync dies while node 2 holds region 5; node 2
+    clears it; node 1 comes back as the first member of its own group with its old replica and
+    merges.  Node 2's marks come from node 2's side only, so region 5 stays clean
+    (``tests/cluster/test_partition_merge.py`` pins the rule without corosync)."""
     u = ulogd_three
     c = u.corosync
     u.start()

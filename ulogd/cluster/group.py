@@ -36,11 +36,13 @@ they run:
   the disk server the next server rewrites the whole log and answers the flushes that waited
   for the old one, at once.  A member that lost its own corosync and comes back marks the
   regions its kernel still holds again before anything else.
-* **Partition merges.**  At a NODEUP change every member contributes its replica or says it
-  has none; events wait until every contribution is in (or its sender left), then all
-  replicas combine them alike (:meth:`RegionLog.merge_from`).  The round's events are then
-  replayed, and one checkpoint serves the members that took part without state and those
-  that joined during the round.
+* **Partition merges.**  At a NODEUP change every member contributes its replica, naming its
+  side (who held state there), or says it has none; events wait until every contribution is
+  in (or its sender left), then all replicas combine them alike: a node's marks come from its
+  own side only (another side's copy is old: a node whose corosync died comes back with marks
+  cleared since), see :meth:`RegionLog.merge_from`.  The round's events are then replayed, and
+  one checkpoint serves the members that took part without state and those that joined
+  during the round.
 * **Alone.**  A member that is alone in its group, quorate, with nothing in flight applies
   requests directly (:meth:`Group.direct`): a one-member ring costs a full CPU per message.
 """
@@ -139,6 +141,7 @@ class _Merge:
     points: dict[MemberId, int] = field(default_factory=dict)
     chunks: dict[MemberId, dict[int, bytes]] = field(default_factory=dict)
     queue: list[tuple] = field(default_factory=list)
+    own: ck.GroupBook | None = None  # the book of this member's own contribution
 
 
 @dataclass
@@ -337,7 +340,15 @@ class Group:
         self._merge = _Merge(expect=set(members))
         self.sender = None
         if self.phase is Phase.VALID:
-            book = ck.GroupBook(self.index, (), ())
+            # The contribution names its side: who held state there (a node's marks are taken
+            # from its own side only) and who did not (such a member has no marks).
+            side = [mm for mm in members if mm not in nodeup]
+            book = ck.GroupBook(
+                self.index,
+                tuple(sorted(self.valid)),
+                tuple((n, pid, 0) for n, pid in side if (n, pid) not in self.valid),
+            )
+            self._merge.own = book
             parts = ck.split(ck.snapshot(self.log, book), self.chunk_size)
             self.in_flight += len(parts)
             actions += [
@@ -397,35 +408,49 @@ class Group:
         contributors = sorted(
             mm for mm in merge.expect | merge.departed if merge.parts.get(mm) and complete(mm)
         )
-        # A member that left before its contribution was complete may have held marks nobody
-        # else knows about: nothing it may have written can be trusted.
-        unknown = [mm for mm in merge.departed if not complete(mm)]
         actions: list[Action] = []
+        # Members that left before their contribution was complete are still accounted for
+        # when a complete contribution of their side names them: as holding state (its replica
+        # has their marks; the replayed departure loses sync of their regions) or not (no
+        # marks).  Otherwise they may have held marks nobody knows about.
+        holding: set[MemberId] = set()
         if self.phase is Phase.VALID:
-            others = []
+            sides: list[tuple[RegionLog, set[int]]] = []
+            named: set[MemberId] = set()
             for member in contributors:
-                if member == self.me:
-                    continue
-                blob = b"".join(merge.chunks[member][i] for i in range(merge.parts[member]))
-                replica = self.log.blank_copy()
-                try:
-                    ck.restore(replica, blob)
-                except ck.CheckpointError as exc:
-                    log.error("merge contribution of node %d unusable: %s", member[0], exc)
-                    continue
-                others.append(replica)
-            self.log.merge_from(others)
+                if member == self.me and merge.own is not None:
+                    replica, book = self.log, merge.own
+                else:
+                    blob = b"".join(merge.chunks[member][i] for i in range(merge.parts[member]))
+                    replica = self.log.blank_copy()
+                    try:
+                        book = ck.restore(replica, blob)
+                    except ck.CheckpointError as exc:
+                        log.error("merge contribution of node %d unusable: %s", member[0], exc)
+                        continue
+                holding.update(book.valid)
+                named.update(book.valid)
+                named.update((n, pid) for n, pid, _ in book.joiners)
+                sides.append((replica, {n for n, _ in book.valid}))
+            lost = self.log.merge_from(sides)
+            unknown = sorted(mm for mm in merge.departed if not complete(mm) and mm not in named)
             if unknown:
                 log.error(
                     "members %s left during a partition merge before their state "
                     "arrived: every region is resynchronised",
                     [n for n, _ in unknown],
                 )
-                self.log.lose_all_sync()
+                lost = self.log.lose_all_sync()
+            if lost:
+                actions.append(Recover(lost))
+                log.warning(
+                    "partition merge: %d region(s) lost sync and will be recovered", len(lost)
+                )
         self.index = max(merge.points.values(), default=0) + 1
-        # Departed contributors stay valid until the queued change that reports their departure
-        # is replayed below: it applies node_departed to their marks like any departure.
-        self.valid = set(contributors)
+        # Departed contributors (and departed members a contribution names as holding state)
+        # stay valid until the queued change that reports their departure is replayed below: it
+        # applies node_departed to their marks like any departure.
+        self.valid = set(contributors) | (holding & merge.departed)
         self.joiners = {}
         if self.phase is Phase.VALID:
             rl = self.log

@@ -6,7 +6,7 @@ Every message is a fixed 24-byte header followed by a typed body, all little-end
 the host (mixed-endian clusters work; cmirrord sent host-order bitmaps)::
 
     0   u32  magic "ULGC"
-    4   u16  protocol version (1)
+    4   u16  protocol version (2)
     6   u16  message type
     8   u32  total size (header + body)
     12  u32  CRC-32 of the body
@@ -25,7 +25,13 @@ problem, and the caller drops the message with a log line.  Bodies:
   the log device (``error`` 0), or writing failed (``-EIO``: every member then reports ``D``).
 * ``CHECKPOINT`` — one chunk of a state snapshot for members that joined at a configuration
   change: ``u64 point, u32 part, u32 parts`` + a target list + the chunk's bytes.
-* ``MERGE`` — one chunk of a member's state when partitions merge (same body, no targets).
+* ``MERGE`` — one chunk of a member's state when partitions merge (same body; the target list
+  is the merge change's membership, the snapshot's book names the sender's side: who held
+  state there and who did not).
+
+Version 2 changed how merge contributions are combined (each node's marks come from its own
+side, see :meth:`~ulogd.regionlog.RegionLog.merge_from`); members of both versions in one group
+would combine them differently, so a member drops the other version's messages.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import zlib
 from dataclasses import dataclass, field
 
 MAGIC = 0x43474C55  # "ULGC" little-endian
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<IHHIIII")
 HEADER_SIZE = _HEADER.size  # 24
 

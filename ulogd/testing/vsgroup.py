@@ -21,6 +21,11 @@ lets a test choose, all from a seeded :class:`random.Random` so a schedule repla
   messages (virtual synchrony: members that move together deliver the same set).
   **Merge** (:meth:`merge`) drains both sides and reports, NODEUP style, the other side's
   members as joined — on each side a *different* change, as corosync does.
+* **Lost corosync** (:meth:`lose_corosync`): the others see the member leave as after a
+  crash, but its daemon lives on with its replica and its unfinished work; :meth:`revive`
+  brings it back as the first member of a component of its own (corosync restarted alone),
+  where it joins again on the same replica and takes the old work over, as the daemon does
+  (``Server.group_lost``, ``Server.rejoin``): a later :meth:`merge` is NODEUP.
 * **Disk writes** of a disk server complete at a random later step, and fail with
   probability ``fail_writes``.
 
@@ -66,6 +71,7 @@ class SimNode:
     log: RegionLog | None = None
     chunk_size: int = 64
     recover: list[list[int]] = field(default_factory=list)  # Recover actions (lost regions)
+    orphan: g.Group | None = None  # the group lost with the local corosync (see lose_corosync)
 
     @property
     def member(self) -> MemberId:
@@ -77,6 +83,15 @@ class SimNode:
         self.log = RegionLog(config, clean, sync, local_node=self.nodeid, device_id="7:0")
         self.log.disk_loaded = True
         self.log.resumed = True
+        self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size)
+        self.ready = False
+        self.master = None
+        self.left_ok = False
+        return self.group
+
+    def rejoin_group(self) -> g.Group:
+        """A new member on the same replica, after the local corosync came back."""
+        assert self.log is not None
         self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size)
         self.ready = False
         self.master = None
@@ -132,6 +147,8 @@ class VirtualGroup:
         self.delivered = 0
         self.on_event: Callable[[VirtualGroup, Event], None] | None = None
         self.crashed: list[SimNode] = []
+        #: nodes that lost their corosync: nothing more of this component reaches them
+        self.deaf: list[SimNode] = []
 
     # -- membership ------------------------------------------------------------------
     def _last_conf(self) -> int:
@@ -150,7 +167,10 @@ class VirtualGroup:
         joined_t, left_t = tuple(joined), tuple(left)
         for n in joined_t:
             assert n not in self.members, f"node {n.nodeid} is already a member"
-            n.fresh_group()
+            if n.orphan is not None:
+                n.rejoin_group()
+            else:
+                n.fresh_group()
         for n in left_t:
             assert n in self.members, f"node {n.nodeid} is not a member"
         lo = self._last_conf()
@@ -182,6 +202,29 @@ class VirtualGroup:
             node.group = None  # a dead process acts no more
             self.crashed.append(node)
         self.pending_writes = [(n, i) for n, i in self.pending_writes if n not in nodes]
+
+    def lose_corosync(self, node: SimNode, *, at: int | None = None) -> None:
+        """The node's corosync dies: a crash for the others (see :meth:`crash`), but the
+        daemon keeps its replica, its unfinished requests and the regions its kernel holds."""
+        orphan = node.group
+        assert orphan is not None and node.log is not None and node.orphan is None
+        orphan.own_marks = sorted(r for r, h in node.log.holders.items() if node.nodeid in h)
+        self.crash(node, at=at)
+        self.crashed.remove(node)
+        self.deaf.append(node)
+        node.orphan = orphan
+
+    @classmethod
+    def revive(cls, node: SimNode, like: VirtualGroup) -> VirtualGroup:
+        """The node's corosync is back, alone at first: a new component (sharing ``like``'s
+        rng, seq counter and hook) in which the node joins again on its old replica."""
+        assert node.orphan is not None
+        new = cls(disk_delay=like.disk_delay, fail_writes=like.fail_writes, rng=like.rng)
+        new.seq = like.seq
+        new.on_event = like.on_event
+        new.crashed = like.crashed
+        new.join(node)
+        return new
 
     def partition(self, side: Iterable[SimNode], *, cut: int | None = None) -> VirtualGroup:
         """Split ``side`` off into a new component (same rng, seq counter and hook)."""
@@ -222,20 +265,29 @@ class VirtualGroup:
         other.members, other.view = [], []
 
     # -- delivery --------------------------------------------------------------------
+    def is_deaf(self, node: SimNode) -> bool:
+        return any(d is node for d in self.deaf)
+
+    @property
+    def listening(self) -> list[SimNode]:
+        """The members at the delivery point that still receive this component's events."""
+        return [n for n in self.view if not self.is_deaf(n)]
+
     def _deliver_one(self) -> None:
         event = self.queue.pop(0)
         self.delivered += 1
         if isinstance(event, Msg):
             for n in list(self.view):
-                if n.group is not None:
+                if n.group is not None and not self.is_deaf(n):
                     self._act(n, n.group.deliver(event.sender.member, event.data))
         elif isinstance(event, Conf):
             self.view = list(event.members)
+            self.deaf = [d for d in self.deaf if not any(d is n for n in event.left)]
             ms = [n.member for n in event.members]
             left = [n.member for n in event.left]
             joined = [n.member for n in event.joined]
             for n in list(self.view):
-                if n.group is not None:
+                if n.group is not None and not self.is_deaf(n):
                     self._act(n, n.group.confchg(ms, left, joined))
         else:
             everyone = [n for side in event.sides for n in side]
@@ -244,7 +296,7 @@ class VirtualGroup:
             for side in event.sides:
                 others = [n.member for n in everyone if n not in side]
                 for n in side:
-                    if n.group is not None:
+                    if n.group is not None and not self.is_deaf(n):
                         self._act(n, n.group.confchg(ms, [], others, nodeup=others))
         if self.on_event is not None:
             self.on_event(self, event)
@@ -309,6 +361,9 @@ class VirtualGroup:
             elif isinstance(a, g.Ready):
                 node.ready = True
                 node.master = a.master
+                orphan, node.orphan = node.orphan, None
+                if orphan is not None and node.group is not None:
+                    self._act(node, node.group.adopt_pending(orphan))
             elif isinstance(a, g.Recover):
                 node.recover.append(list(a.regions))
             elif isinstance(a, g.LeaveNow):
