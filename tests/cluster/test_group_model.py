@@ -84,10 +84,14 @@ class Violation(AssertionError):
 
 
 class World:
-    def __init__(self, ctr_text: str, *, partitions: bool, fail_writes: bool) -> None:
+    def __init__(
+        self, ctr_text: str, *, partitions: bool, fail_writes: bool, corosync_loss: bool = False
+    ) -> None:
         self.ctr_text = ctr_text
         self.partitions = partitions
         self.fail_writes = fail_writes
+        self.corosync_loss = corosync_loss
+        self.lost: list[SimNode] = []  # corosync died, the daemon lives on (see lose())
         self.comps: list[VirtualGroup] = []
         self.nodes: dict[int, SimNode] = {}  # nodeid -> current incarnation
         self.kern: dict[tuple[int, int], Kern] = {}
@@ -116,6 +120,8 @@ class World:
     def new_comp(self) -> VirtualGroup:
         vg = VirtualGroup(seed=0, disk_delay=True)
         vg.on_event = self.check
+        if self.comps:
+            vg.seq = self.comps[0].seq  # one kernel request numbering for every component
         self.comps.append(vg)
         return vg
 
@@ -233,9 +239,11 @@ class World:
                     self.graceful.append(n)
 
     def join(self, a: int, b: int) -> None:
-        present = {n.nodeid for n in self.live()} | {
-            n.nodeid for c in self.comps for n in c.members
-        }
+        present = (
+            {n.nodeid for n in self.live()}
+            | {n.nodeid for c in self.comps for n in c.members}
+            | {n.nodeid for n in self.lost}
+        )
         absent = [i for i in NODE_IDS if i not in present]
         if not absent:
             return
@@ -287,6 +295,27 @@ class World:
         vg.postsuspend(node)
         self.after_step()
 
+    def lose(self, a: int, b: int) -> None:
+        """A node's corosync dies (the others see a crash); its daemon and kernel live on."""
+        nodes = [n for n in self.live() if n.orphan is None and not self.kern[n.member].leaving]
+        if not nodes:
+            return
+        node = nodes[a % len(nodes)]
+        vg = self.comp_of(node)
+        assert vg is not None
+        vg.lose_corosync(node, at=b)
+        self.lost.append(node)
+        self.trace.append(f"lose corosync {node.nodeid}")
+
+    def revive(self, a: int) -> None:
+        """Its corosync is back, alone: the node joins again on its old replica (a later merge
+        brings it together with the others)."""
+        if not self.lost:
+            return
+        node = self.lost.pop(a % len(self.lost))
+        self.new_comp().join(node)
+        self.trace.append(f"revive {node.nodeid}")
+
     def partition(self, a: int, b: int) -> None:
         if not self.partitions:
             return
@@ -320,13 +349,13 @@ class World:
         # Members in a merge round hold their events until every side's state is in: they are
         # compared once the round completes.
         holding = [
-            n for n in vg.view
+            n for n in vg.listening
             if n.group is not None and n.group.phase is g.Phase.VALID and n.group._merge is None
         ]  # fmt: skip
         diffs = replica_differences(holding)
         if diffs:
             raise Violation(f"replicas differ after {event_name(event)}: " + "; ".join(diffs))
-        present_nodes = {n.nodeid for n in vg.view}
+        present_nodes = {n.nodeid for n in vg.listening}
         if isinstance(event, Msg) and not event.quorate:
             msg = m.decode(event.data)
             if isinstance(msg, m.Ops) and any(o.op is m.Op.CLEAR for o in msg.ops):
@@ -334,7 +363,7 @@ class World:
         raised = self._sync_set_by(event)
         # A merge round holds the events delivered during it and applies them when it completes:
         # a SET_REGION_SYNC delivered in the round may raise a sync bit at its completion.
-        for n in vg.view:
+        for n in vg.listening:
             if n.group is not None and n.group._merge is not None:
                 self.held_raise.setdefault(n.member, set()).update(raised)
         for n in holding:
@@ -378,7 +407,7 @@ class World:
                                 f"node {n.nodeid}: region {r} held by departed node {d} "
                                 "is still in sync"
                             )
-        for n in vg.view:
+        for n in vg.listening:
             if n.group is None or n.log is None:
                 continue
             valid = n.group.phase is g.Phase.VALID
@@ -408,6 +437,8 @@ class World:
 
     # -- the end -------------------------------------------------------------------------
     def quiesce(self) -> None:
+        while self.lost:
+            self.revive(0)
         for n in self.live():
             vg = self.comp_of(n)
             assert vg is not None and n.group is not None
@@ -465,8 +496,11 @@ Step = tuple[int, int, int]
 
 def run_schedule(
     steps: list[Step], *, ctr_text: str, partitions: bool = False, fail_writes: bool = False,
+    corosync_loss: bool = False,
 ) -> World:  # fmt: skip
-    w = World(ctr_text, partitions=partitions, fail_writes=fail_writes)
+    w = World(
+        ctr_text, partitions=partitions, fail_writes=fail_writes, corosync_loss=corosync_loss
+    )
     w.join(0, 3)  # two nodes to start with (b % 3 == 0 -> two at once)
     ops: list[Callable[[int, int, int], None]] = [
         lambda a, b, c: w.kernel_request(a, b, c),
@@ -477,10 +511,15 @@ def run_schedule(
         lambda a, b, c: w.suspend(a),
         lambda a, b, c: w.partition(a, b),
         lambda a, b, c: w.merge(a),
+        lambda a, b, c: w.lose(a, b),
+        lambda a, b, c: w.revive(a),
     ]
     # weights: requests and deliveries dominate
     table = [0] * 10 + [1] * 10 + [2] * 2 + [3] * 2 + [4] + [5] + [6] + [7]
-    names = ["request", "deliver", "write", "join", "crash", "suspend", "partition", "merge"]
+    if corosync_loss:  # (a separate table: the recorded schedules keep their meaning)
+        table += [8, 9, 7]
+    names = ["request", "deliver", "write", "join", "crash", "suspend", "partition", "merge",
+             "lose", "revive"]  # fmt: skip
     try:
         for op, a, b, c in ((s[0], s[0], s[1], s[2]) for s in steps):
             which = table[op % len(table)]
@@ -507,7 +546,7 @@ CTRS = {
 
 def _run_property(
     name: str, examples: int, *, partitions: bool, fail_writes: bool, ctr_key: str,
-    derandomize: bool = False, shrink: bool = True,
+    derandomize: bool = False, shrink: bool = True, corosync_loss: bool = False,
 ) -> tuple[int, int, float]:  # fmt: skip
     count = [0, 0]
 
@@ -519,8 +558,9 @@ def _run_property(
     @given(SCHEDULE)
     def prop(steps: list[Step]) -> None:
         w = run_schedule(
-            steps, ctr_text=CTRS[ctr_key], partitions=partitions, fail_writes=fail_writes
-        )
+            steps, ctr_text=CTRS[ctr_key], partitions=partitions, fail_writes=fail_writes,
+            corosync_loss=corosync_loss,
+        )  # fmt: skip
         count[0] += 1
         count[1] += w.events
 
@@ -571,31 +611,89 @@ def test_random_schedules_with_partitions_slow(capsys: pytest.CaptureFixture[str
     assert res[0] >= 10_000
 
 
-#: Schedules the property tests found, each a regression test.
-RECORDED: dict[str, list[Step]] = {
+@pytest.mark.parametrize("corosync_loss", [False, True], ids=["partitions", "corosync-loss"])
+def test_random_schedules_with_corosync_loss(
+    corosync_loss: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nodes whose corosync dies (the others see a crash, the daemon and its kernel live on)
+    and comes back alone, on the old replica, before a merge."""
+    res = _run_property(
+        "corosync-loss", 300, partitions=corosync_loss, fail_writes=False,
+        ctr_key="core-nosync", derandomize=True, corosync_loss=True,
+    )  # fmt: skip
+    _report(capsys, f"model corosync loss{' + partitions' if corosync_loss else ''}", res)
+    assert res[0] >= 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ctr_key", list(CTRS))
+def test_random_schedules_with_corosync_loss_slow(
+    ctr_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = _run_property(
+        ctr_key, 10_000, partitions=True, fail_writes=ctr_key.startswith("disk"),
+        ctr_key=ctr_key, corosync_loss=True,
+    )  # fmt: skip
+    _report(capsys, f"model --slow corosync loss + partitions {ctr_key}", res)
+    assert res[0] >= 10_000
+
+
+#: Schedules the property tests found, each a regression test: (steps, corosync_loss).
+RECORDED: dict[str, tuple[list[Step], bool]] = {
     # join [1,2]; 1 suspends (leaving after its checkpoint to 2); partition [2]; 3 joins on
     # 1's side; merge; 4 and 5 join while the merge round runs.  Node 2 started a checkpoint
     # for 4 and 5 while replaying the round, then counted 3 (which took part without state) as
     # a joiner at the round's end: 4 and 5 loaded a snapshot that did not list 3, and only
     # node 2 owed 3 a checkpoint.
-    "merge-round-joiners": [(66, 0, 0), (221, 0, 0), (250, 0, 0), (22, 26, 0), (27, 0, 0),
-                            (50, 0, 0)],
+    "merge-round-joiners": (
+        [(66, 0, 0), (221, 0, 0), (250, 0, 0), (22, 26, 0), (27, 0, 0), (50, 0, 0)], False
+    ),
     # Every member holding state leaves during the merge round: the stateless member that
     # took part kept the departed contributors as elders and waited for ever.
-    "merge-contributors-all-leave": [
-        (0, 0, 0), (0, 0, 0), (22, 0, 0), (166, 0, 0), (220, 1, 0), (246, 0, 0), (249, 0, 0),
-        (139, 0, 0), (136, 0, 0), (82, 0, 0),
-    ],
+    "merge-contributors-all-leave": (
+        [(0, 0, 0), (0, 0, 0), (22, 0, 0), (166, 0, 0), (220, 1, 0), (246, 0, 0),
+         (249, 0, 0), (139, 0, 0), (136, 0, 0), (82, 0, 0)], False,
+    ),
     # Nobody holds state after the round; 3 and 5 joined during it.  Node 4 (took part) took
     # 3 for the oldest cohort's lowest, node 3 took 4 for an elder: both waited.
-    "merge-no-state-round-joiners": [
-        (66, 0, 0), (178, 0, 0), (0, 0, 0), (122, 0, 0), (137, 0, 0), (178, 0, 0), (218, 1, 0),
-        (0, 0, 0), (137, 0, 0), (82, 1, 0), (83, 0, 0), (190, 0, 0),
-    ],
+    "merge-no-state-round-joiners": (
+        [(66, 0, 0), (178, 0, 0), (0, 0, 0), (122, 0, 0), (137, 0, 0), (178, 0, 0),
+         (218, 1, 0), (0, 0, 0), (137, 0, 0), (82, 1, 0), (83, 0, 0), (190, 0, 0)], False,
+    ),
+    # Node 1's corosync dies with MARK 0 + FLUSH in flight (never delivered): its daemon sent
+    # the FLUSH again on rejoining, not the acknowledged MARK, and the kernel wrote region 0
+    # while it was clean.
+    "corosync-loss-mark-in-flight": (
+        [(0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (10, 0, 0), (0, 0, 0),
+         (0, 2, 0), (0, 254, 0), (90, 0, 0)], True,
+    ),
+    # Partitions {2,3,4} and {5} merge while node 2 is leaving gracefully (its departure ends
+    # that round); node 1, back from a lost corosync, merges with them before it ends.  The
+    # first round's members took the second merge change for a plain one (node 1 a joiner)
+    # while node 1 waited for their contributions: its FLUSH was never answered.
+    "merge-during-merge-round": (
+        [(10, 0, 0), (214, 0, 0), (10, 0, 0), (0, 0, 0), (56, 0, 0), (208, 0, 0), (150, 0, 0),
+         (30, 0, 0), (246, 0, 0), (58, 0, 0), (0, 2, 0)], True,
+    ),
+    # Node 1's MARK 0 + FLUSH is delivered during a merge round (held until the round ends),
+    # then node 1's corosync dies: a batch delivered but not applied must go out again too.
+    "corosync-loss-during-merge-round": (
+        [(0, 0, 0), (150, 0, 0), (0, 0, 0), (216, 0, 0), (0, 191, 0), (0, 254, 0), (10, 0, 0),
+         (103, 0, 0), (165, 0, 0), (28, 0, 0)], True,
+    ),
+    # Like merge-during-merge-round, by partitions only: node 5's contribution to the second
+    # round arrived while the first still ran, which dropped it as not its own.
+    "merge-chunk-of-the-next-round": (
+        [(0, 0, 0), (0, 0, 0), (0, 0, 0), (22, 0, 0), (57, 0, 0), (25, 0, 0), (57, 0, 0),
+         (92, 0, 0), (120, 0, 0), (0, 2, 0)], True,
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(RECORDED))
 def test_recorded_schedule(name: str) -> None:
-    w = run_schedule(RECORDED[name], ctr_text=CTRS["core-nosync"], partitions=True)
+    steps, corosync_loss = RECORDED[name]
+    w = run_schedule(
+        steps, ctr_text=CTRS["core-nosync"], partitions=True, corosync_loss=corosync_loss
+    )
     assert all(n.group is not None and n.group.phase is g.Phase.VALID for n in w.live())

@@ -35,7 +35,8 @@ they run:
   (:meth:`RegionLog.node_departed`), its recovery assignment is handed out again, and if it was
   the disk server the next server rewrites the whole log and answers the flushes that waited
   for the old one, at once.  A member that lost its own corosync and comes back marks the
-  regions its kernel still holds again before anything else.
+  regions its kernel still holds again before anything else, and sends again what it had
+  multicast without seeing it applied.
 * **Partition merges.**  At a NODEUP change every member contributes its replica, naming its
   side (who held state there), or says it has none; events wait until every contribution is
   in (or its sender left), then all replicas combine them alike: a node's marks come from its
@@ -132,8 +133,14 @@ def _targets(members: set[MemberId] | tuple[MemberId, ...]) -> tuple[m.Target, .
     return tuple(m.Target(n, pid, 0) for n, pid in sorted(members))
 
 
+def _is_merge(event: tuple) -> bool:
+    """A configuration change that brings members of another partition (NODEUP)."""
+    return event[0] == "confchg" and any(mm in event[1] for mm in event[4])
+
+
 @dataclass
 class _Merge:
+    change: frozenset[MemberId]  # the merge change's members (its chunks name them)
     expect: set[MemberId]
     departed: set[MemberId] = field(default_factory=set)
     pos: int = 0  # position of the latest event in the round (the merge change is 0)
@@ -172,6 +179,7 @@ class Group:
         # own requests
         self.outbox: list[m.OpRecord] = []  # MARK/CLEAR acknowledged, not yet multicast
         self.in_flight = 0  # own messages multicast but not yet delivered
+        self.unconfirmed: list[tuple[m.OpRecord, ...]] = []  # own OPS batches not yet applied
         self.waiting: dict[int, wire.Request] = {}  # seq -> request answered at delivery
         self.flushes: list[tuple[int, wire.Request]] = []  # (index, FLUSH) awaiting disk word
         self.written_upto = -1  # disk server: last index known durable
@@ -274,6 +282,7 @@ class Group:
         if not ops:
             return []
         self.in_flight += 1
+        self.unconfirmed.append(tuple(ops))
         return [Multicast(m.encode_ops(ops))]
 
     # ------------------------------------------------------------------ group side
@@ -300,11 +309,15 @@ class Group:
             self.log.members = {n for n, _ in members_t}
             return self._maybe_master()
         self.index += 1
-        event = ("confchg", members_t, tuple(left), tuple(joined))
+        return self._on_confchg(("confchg", members_t, tuple(left), tuple(joined), tuple(nodeup)))
+
+    def _on_confchg(self, event: tuple) -> list[Action]:
+        """A change (already counted) as it comes, or as a merge round hands it on."""
+        _, members_t, left, joined, nodeup = event
         if self._merge is not None:
-            return self._merge_confchg(members_t, tuple(left), event)
-        if nodeup and any(mm in members_t for mm in nodeup):
-            return self._start_merge(members_t, tuple(left), tuple(nodeup))
+            return self._merge_confchg(members_t, left, event)
+        if _is_merge(event):
+            return self._start_merge(members_t, left, nodeup)
         self._changes += 1
         if self.phase is Phase.JOINING:
             self._queue.append((self.index, event))
@@ -313,7 +326,7 @@ class Group:
             self._cohort &= set(members_t)
             self.log.members = {n for n, _ in members_t}
             return self._maybe_master()
-        return self._apply_confchg(members_t, tuple(left), tuple(joined))
+        return self._apply_confchg(members_t, left, joined)
 
     # ------------------------------------------------------------------ partition merges
     def _start_merge(
@@ -337,7 +350,7 @@ class Group:
         self.members = members
         self.log.members = {n for n, _ in members}
         log.warning("partitions merged (%d member(s) came back): combining replicas", len(nodeup))
-        self._merge = _Merge(expect=set(members))
+        self._merge = _Merge(change=frozenset(members), expect=set(members))
         self.sender = None
         if self.phase is Phase.VALID:
             # The contribution names its side: who held state there (a node's marks are taken
@@ -400,6 +413,10 @@ class Group:
             if parts is None or (parts and len(merge.chunks.get(member, {})) < parts):
                 return []
         self._merge = None
+        nested = next((i for i, (_, event) in enumerate(merge.queue) if _is_merge(event)), None)
+        held = merge.queue if nested is None else merge.queue[:nested]
+        later = [] if nested is None else merge.queue[nested:]
+        end = merge.pos if nested is None else merge.queue[nested][0] - 1
 
         def complete(mm: MemberId) -> bool:
             parts = merge.parts.get(mm)
@@ -467,14 +484,15 @@ class Group:
             # a snapshot taken earlier would not list them as joiners.  One checkpoint at the
             # end serves them and everybody who joined during the round.
             self._hold_duty = True
-            for pos, event in merge.queue:
+            for pos, event in held:
                 actions += self._replay(base + pos, event)
             self._hold_duty = False
-            self.index = base + merge.pos
-            for member in merge.expect:
-                if member in self.members and member not in self.valid:
-                    self.joiners.setdefault(member, base)  # took part without state
-            actions += self._checkpoint_duty()
+            self.index = base + end
+            if not later:
+                for member in merge.expect:
+                    if member in self.members and member not in self.valid:
+                        self.joiners.setdefault(member, base)  # took part without state
+                actions += self._checkpoint_duty()
         else:
             # Still without state.  Every member that took part without state counts from the
             # merge change (0), the change members holding state name as its join.  They form
@@ -483,11 +501,21 @@ class Group:
             # members that joined during the round are younger, and the changes that admitted
             # them stay queued for a master among us to number their joins.
             self.valid -= merge.departed
-            self.index = merge.pos
-            self._queue = [(pos, event) for pos, event in merge.queue if event[0] == "confchg"]
+            self.index = end
+            self._queue = [(pos, event) for pos, event in held if event[0] == "confchg"]
             self._elders = set(self.valid)
             self._cohort = (merge.expect & set(self.members)) - self.valid
-            actions += self._maybe_master()
+            if not later:
+                actions += self._maybe_master()
+        # Another merge came during the round: the round ends just before it, and everything
+        # from that change on is handled as it would have been after the round, the change
+        # starting the next round (its newcomers started theirs at it already).
+        for _, event in later:
+            self.index += 1
+            if event[0] == "confchg":
+                actions += self._on_confchg(event)
+            else:
+                actions += self._on_message(event[1], event[2])
         return actions
 
     def _maybe_master(self) -> list[Action]:
@@ -601,30 +629,45 @@ class Group:
         mine = sender == self.me and not isinstance(message, m.DiskDone)
         if mine:
             self.in_flight = max(0, self.in_flight - 1)
+        actions = self._on_message(sender, message)
+        if mine and not self.in_flight:
+            actions += self._leave_if_drained()
+        return actions
+
+    def _on_message(self, sender: MemberId, message: m.Message) -> list[Action]:
+        """A message (already counted) as it comes, or as a merge round hands it on."""
         actions: list[Action] = []
-        if isinstance(message, m.MergeChunk) and (
-            self._merge is not None
-            or (
-                self.phase is Phase.JOINING
-                and any((t.nodeid, t.pid) == self.me for t in message.members)
-            )
+        chunk_of = (
+            frozenset((t.nodeid, t.pid) for t in message.members)
+            if isinstance(message, m.MergeChunk)
+            else None
+        )
+        if (
+            chunk_of is not None
+            and self._merge is None
+            and self.phase is Phase.JOINING
+            and self.me in chunk_of
         ):
-            if self._merge is None:
-                # The change that admitted us was a partition merge for the others (our node
-                # came back): take part, saying we hold no state, so the round can complete.
-                # Our join was the merge change (position 0): what we queued since is the
-                # round's, and members of the change that left since are its departures.
-                expect = {(t.nodeid, t.pid) for t in message.members}
-                present = set(self.members)
-                self._merge = _Merge(expect=expect & present, departed=expect - present)
-                self._merge.queue, self._queue = self._queue, []
-                self._assembly = None
-                self.in_flight += 1
-                actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(expect), b"")))
-                self._merge.pos = self.index - 1
-            self._merge.pos += 1
+            # The change that admitted us was a partition merge for the others (our node came
+            # back): take part, saying we hold no state, so the round can complete.  Our join
+            # was the merge change (position 0): what we queued since is the round's, and
+            # members of the change that left since are its departures.
+            present = set(self.members)
+            self._merge = _Merge(
+                change=chunk_of, expect=set(chunk_of & present), departed=set(chunk_of - present)
+            )
+            self._merge.queue, self._queue = self._queue, []
+            self._merge.pos = self.index - 1
+            self._assembly = None
+            self.in_flight += 1
+            actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(set(chunk_of)), b"")))
+        merge = self._merge
+        if merge is not None and isinstance(message, m.MergeChunk) and chunk_of == merge.change:
+            merge.pos += 1
             actions += self._merge_chunk(sender, message)
         elif self._merge is not None:
+            # (a chunk of another round, too: of a merge that came during this round, whose
+            # round starts when this one ends)
             self._merge.pos += 1
             self._merge.queue.append((self._merge.pos, ("message", sender, message)))
         elif self.phase is Phase.JOINING:
@@ -637,14 +680,12 @@ class Group:
                 actions = done
         else:
             actions = self._apply(sender, message)
-        if mine and not self.in_flight:
-            actions += self._leave_if_drained()
         return actions
 
     def _replay(self, idx: int, event: object) -> list[Action]:
         kind, *rest = event  # type: ignore[misc]
         if kind == "confchg":
-            members, left, joined = rest
+            members, left, joined, _ = rest
             self.index = idx
             return self._apply_confchg(members, left, joined)
         sender, message = rest
@@ -658,6 +699,10 @@ class Group:
             return self._count_chunk(message, sender)
         if isinstance(message, m.MergeChunk):
             return []  # a round this member was not part of (it joined after it began)
+        if sender == self.me and isinstance(message, m.Ops) and self.unconfirmed:
+            # Applied (or dropped) here, in the order it was sent; a batch a merge round still
+            # holds is not: it goes out again if corosync is lost before the round ends.
+            self.unconfirmed.pop(0)
         if sender not in self.valid:
             self.dropped += 1
             log.error(
@@ -815,8 +860,19 @@ class Group:
         # The survivors dropped this node's marks when it vanished, but its kernel may still be
         # writing those regions: mark them again before anything else.
         again = [m.OpRecord(m.Op.MARK, 0, tuple(previous.own_marks))] if previous.own_marks else []
-        self.outbox = again + previous.outbox + self.outbox
-        requests = [*previous.waiting.values(), *(r for _, r in previous.flushes)]
+        # Batches multicast but never applied here may be lost, or applied only by the others
+        # (who dropped this node's marks since): all of them go out again in their order (an
+        # acknowledged MARK among them may be a region the kernel writes now), and their
+        # requests are answered when they arrive.
+        resent = [rec for batch in previous.unconfirmed for rec in batch]
+        for rec in resent:
+            request = previous.waiting.get(rec.seq)
+            if rec.op not in (m.Op.MARK, m.Op.CLEAR) and request is not None:
+                self.waiting[rec.seq] = request
+        self.outbox = again + resent + previous.outbox + self.outbox
+        # What is left: FLUSHes delivered and waiting for a disk write that may never be announced.
+        requests = [r for r in previous.waiting.values() if r.seq not in self.waiting]
+        requests += [r for _, r in previous.flushes]
         actions: list[Action] = []
         for request in sorted(requests, key=lambda r: r.seq):
             actions += self.submit(request)
