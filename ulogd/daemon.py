@@ -231,7 +231,7 @@ class Daemon:
                     key.data()
                 if self.cluster is not None:
                     self.cluster.tick()
-                if next_ping is not None and time.monotonic() >= next_ping:
+                if watchdog and next_ping is not None and time.monotonic() >= next_ping:
                     sd_notify("WATCHDOG=1")
                     next_ping = time.monotonic() + watchdog
         finally:

@@ -198,7 +198,7 @@ def parse_image(buf: bytes | bytearray | memoryview, region_count: int) -> DiskI
             f"regions ends at byte {need}"
         )
     clean = bitarray(endian="little")
-    clean.frombytes(view[BITMAP_OFFSET : BITMAP_OFFSET + (region_count + 7) // 8])
+    clean.frombytes(bytes(view[BITMAP_OFFSET : BITMAP_OFFSET + (region_count + 7) // 8]))
     del clean[region_count:]
     return DiskImage(valid=True, nr_regions=nr_regions, clean=clean)
 
@@ -374,11 +374,15 @@ class DiskLogDevice:
             fd = os.open(path, flags | os.O_DIRECT)
         except OSError as e:
             if e.errno != errno.EINVAL or not _is_regular_file(path):
-                raise DiskIOError(e.errno, f"cannot open log device {path}: {e.strerror}") from e
+                raise DiskIOError(
+                    e.errno or errno.EIO, f"cannot open log device {path}: {e.strerror}"
+                ) from e
             try:
                 fd = os.open(path, flags)
             except OSError as e2:
-                raise DiskIOError(e2.errno, f"cannot open log device {path}: {e2.strerror}") from e2
+                raise DiskIOError(
+                    e2.errno or errno.EIO, f"cannot open log device {path}: {e2.strerror}"
+                ) from e2
             direct = False
             log.warning("%s: filesystem refuses O_DIRECT; using buffered I/O with fdatasync", path)
         try:

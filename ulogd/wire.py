@@ -395,7 +395,7 @@ def encode_request(
         "data_size": len(data),
     }
     cn_len = layout.request_size + len(data)
-    prefix = {
+    prefix: dict[str, object] = {
         "nlmsg_len": layout.prefix_size + cn_len,
         "nlmsg_type": p.NLMSG_DONE,
         "nlmsg_flags": 0,

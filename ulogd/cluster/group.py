@@ -55,6 +55,7 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ulogd import protocol as p
 from ulogd import wire
@@ -187,7 +188,7 @@ class Group:
         self._joined_seen = False
         self._elders: set[MemberId] = set()
         self._cohort: set[MemberId] = set()
-        self._queue: list[tuple[int, object]] = []
+        self._queue: list[tuple[int, tuple[Any, ...]]] = []
         self._assembly: _Assembly | None = None
         self._leaving: wire.Request | None = None
         self._merge: _Merge | None = None
@@ -529,7 +530,7 @@ class Group:
         # Joined_at is the index of each member's join in this member's own numbering (0 for
         # its cohort, the queued change's index for later ones), which now becomes absolute.
         self.joiners = {mm: 0 for mm in self.members if mm != self.me}
-        for idx, (kind, *rest) in self._queue:  # type: ignore[misc]
+        for idx, (kind, *rest) in self._queue:
             if kind == "confchg":
                 for mm in rest[2]:
                     if mm in self.joiners:
@@ -682,8 +683,8 @@ class Group:
             actions = self._apply(sender, message)
         return actions
 
-    def _replay(self, idx: int, event: object) -> list[Action]:
-        kind, *rest = event  # type: ignore[misc]
+    def _replay(self, idx: int, event: tuple[Any, ...]) -> list[Action]:
+        kind, *rest = event
         if kind == "confchg":
             members, left, joined, _ = rest
             self.index = idx

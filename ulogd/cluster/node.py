@@ -173,8 +173,7 @@ class CorosyncLink:
     # ------------------------------------------------------------------ timing
     def timeout(self) -> float | None:
         """How soon the loop must call :meth:`tick` (None: no need)."""
-        waits = [h.retry_after() for h in self.handles.values()]
-        waits = [w for w in waits if w is not None]
+        waits = [w for h in self.handles.values() if (w := h.retry_after()) is not None]
         if self.lost or (self.want_quorum and self.quorum is None):
             waits.append(max(0.0, self._next_try - time.monotonic()))
         return min(waits) if waits else None
