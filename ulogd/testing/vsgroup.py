@@ -83,14 +83,10 @@ class SimNode:
         self.log = RegionLog(config, clean, sync, local_node=self.nodeid, device_id="7:0")
         self.log.disk_loaded = True
         self.log.resumed = True
-        self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size)
-        self.ready = False
-        self.master = None
-        self.left_ok = False
-        return self.group
+        return self.rejoin_group()
 
     def rejoin_group(self) -> g.Group:
-        """A new member on the same replica, after the local corosync came back."""
+        """A new member on the current replica (also after the local corosync came back)."""
         assert self.log is not None
         self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size)
         self.ready = False
