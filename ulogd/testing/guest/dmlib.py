@@ -32,6 +32,8 @@ SECTOR = 512
 BLOCK = 4096
 MiB = 1 << 20
 TMP = Path("/tmp/e2e")
+#: What a boot leaves for the host (daemon logs, captures, dmesg), copied to the run directory.
+ARTEFACTS = Path("/tmp/e2e-artefacts")
 
 
 def now() -> float:
@@ -60,6 +62,17 @@ def run(argv: Sequence[str], *, timeout: float = 120, check: bool = True) -> str
 
 def dmesg() -> str:
     return run(["dmesg"], check=False)
+
+
+def save_artefacts(run_dir: Path) -> None:
+    """Write the kernel log into :data:`ARTEFACTS` and copy every file there to ``run_dir``
+    (the checkout's run directory, which the host reads after power-off)."""
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTEFACTS / "dmesg.txt").write_text(dmesg())
+    for path in ARTEFACTS.iterdir():
+        if path.is_file():
+            with contextlib.suppress(OSError):
+                (run_dir / path.name).write_bytes(path.read_bytes())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmlib import (
+    ARTEFACTS,
     LOG_MAGIC,
     Daemon,
     Loop,
@@ -40,6 +41,7 @@ from dmlib import (
     read_disk_log,
     remove_all_dm,
     run,
+    save_artefacts,
     userspace_table,
     verify_readback,
     wait_for,
@@ -52,7 +54,6 @@ REGIONS = SECTORS // REGION  # 64
 LOGDEV_SIZE = 4 * MiB
 WRITES = 40  # O_DIRECT 4 KiB writes per batch
 ALL_CLEAN = [LOG_MAGIC, 2, REGIONS, REGIONS]  # (magic, version, nr_regions, clean regions)
-ARTEFACTS = Path("/tmp/e2e-artefacts")
 
 
 class Env:
@@ -82,10 +83,7 @@ class Env:
         return d
 
     def save_artefacts(self) -> None:
-        (ARTEFACTS / "dmesg.txt").write_text(dmesg())
-        for path in ARTEFACTS.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, self.run_dir / path.name)
+        save_artefacts(self.run_dir)
 
     def cleanup(self) -> None:
         """Remove what a scenario left behind (the shared daemon keeps running)."""
