@@ -285,7 +285,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         # Before restore(), so that errors about restored logs reach ``ulogd status``.
         attach_services(daemon, run_dir, getattr(args, "settings", None))
         assert server.state_dir is not None
-        server.restore(server.state_dir.load_all())
+        rejoins = server.restore(server.state_dir.load_all())
         if args.capture:
             from ulogd.capture import CaptureWriter
 
@@ -309,6 +309,8 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 metrics=daemon.metrics,
             )
             daemon.at_shutdown(daemon.cluster.close)
+            # Restored clustered logs rejoin their groups before they answer anything.
+            daemon.execute(rejoins)
     except BaseException:
         server.close()
         raise

@@ -32,6 +32,26 @@ for the on-disk image (:meth:`resume` returns ``NEEDS_DISK``) and applies it in
 
 Node ids: single-node operation uses one node id throughout; the cluster layer passes the
 originating member's id and keeps ``members`` current.
+
+Own marks and live kernels
+--------------------------
+**No region is recovered or made clean while a live kernel may still be writing it.**  A
+node's kernel outlives its daemon, so:
+
+* ``mine`` is this node's kernel's view of its own marks, updated when a MARK (or the marks of
+  a FLUSH) is *acknowledged* and when a CLEAR is acknowledged (:meth:`kernel_marked`,
+  :meth:`kernel_cleared`), never at a later cluster delivery; the owner persists it beside the
+  bitmaps, so a restarted daemon knows every region its kernel may be writing (the kernel does
+  not re-send MARKs after a reconnect).
+* A node whose daemon left its group while the node stays in the ring
+  (:meth:`node_process_gone`) becomes an *orphan*: its marks stay, held by its node id; its
+  regions stay dirty, keep their sync bits, are never handed out for recovery
+  (:meth:`get_resync_work` skips them), and a recovery it was assigned stays its own (its
+  kernel may be copying that region: :meth:`is_remote_recovering` counts it as remote).
+* The orphan's marks are released only when its node's new daemon rejoins
+  (:meth:`node_rejoined`: its own marks replace them; a node that comes back with a fresh
+  kernel instead makes them lose sync), or when the node leaves the ring
+  (:meth:`node_departed`: its regions lose sync and are recovered).
 """
 
 from __future__ import annotations
@@ -51,6 +71,15 @@ CHUNK_SHIFT = 12  # 4096 regions = 512 bitmap bytes per disk chunk
 class Resume(enum.Enum):
     DONE = "done"
     NEEDS_DISK = "needs-disk"
+
+
+class Rejoin(enum.IntEnum):
+    """What a node's new daemon says about its kernel's marks (see
+    :meth:`RegionLog.node_rejoined`); the values travel in cluster messages."""
+
+    FRESH = 0
+    UNION = 1
+    REPLACE = 2
 
 
 class Scalars(NamedTuple):
@@ -103,10 +132,21 @@ class RegionLog:
         *,
         local_node: int = 0,
         device_id: str | None = None,
+        mine: bitarray | None = None,
     ) -> None:
         n = config.region_count
         if len(clean) < n or len(sync) < n:
             raise ValueError("bitmaps shorter than the region count")
+        if mine is None:
+            mine = bitarray(len(clean), endian="little")
+            mine.setall(0)
+        elif len(mine) < n:
+            raise ValueError("own-marks bitmap shorter than the region count")
+        #: the regions this node's kernel may be writing, as acknowledged to it (persisted)
+        self.mine = mine
+        self.local_node = local_node
+        #: nodes whose daemon left while the node stayed in the ring: their marks stay held
+        self.orphans: set[int] = set()
         self.config = config
         self.region_count = n
         self.clean = clean
@@ -162,6 +202,7 @@ class RegionLog:
         n = self.region_count
         self.clean[:n] = previous.clean[:n]
         self.sync[:n] = previous.sync[:n]
+        self.mine[:n] = previous.mine[:n]
         self.sync_count = self.sync.count(1, 0, n)
         self.holders = {r: set(h) for r, h in previous.holders.items()}
         self.in_sync_override = previous.in_sync_override
@@ -169,6 +210,34 @@ class RegionLog:
             self.disk_loaded = True
             self.full_write = True
         self.scalars_changed = True
+
+    def restore_own_marks(self) -> int:
+        """After a daemon restart: this node's kernel still holds the marks it was
+        acknowledged (``mine``); they become its mark references again.  Returns how many."""
+        n = self.region_count
+        node = self.local_node
+        count = 0
+        for r in self.mine[:n].search(1):
+            self.holders.setdefault(r, set()).add(node)
+            self._set_clean(r, 0)
+            count += 1
+        return count
+
+    def own_marks(self) -> list[int]:
+        """The regions this node's kernel may be writing (see ``mine``)."""
+        return list(self.mine[: self.region_count].search(1))
+
+    def kernel_marked(self, regions: Sequence[int]) -> None:
+        """A MARK (or a FLUSH's integrated marks) is acknowledged to this node's kernel."""
+        mine = self.mine
+        for r in regions:
+            mine[r] = 1
+
+    def kernel_cleared(self, regions: Sequence[int]) -> None:
+        """A CLEAR is acknowledged to this node's kernel."""
+        mine = self.mine
+        for r in regions:
+            mine[r] = 0
 
     def blank_copy(self) -> RegionLog:
         """A log of the same geometry with fresh in-memory bitmaps (to load a peer's state)."""
@@ -260,6 +329,8 @@ class RegionLog:
             if self.recoverer == node:
                 return 1, self.recovering  # a retry of the same request
             return 0, 0  # one region at a time, cluster-wide
+        if self.orphans:
+            return self._resync_work_beside_orphans(node)
         while self.priority:
             r = self.priority.pop()
             if not self.sync[r]:
@@ -272,6 +343,42 @@ class RegionLog:
                 self.scalars_changed = True
             return 0, 0
         self.sync_search = r + 1
+        return self._assign(node, r)
+
+    def _held_by_orphan(self, r: int) -> bool:
+        h = self.holders.get(r)
+        return h is not None and not h.isdisjoint(self.orphans)
+
+    def _resync_work_beside_orphans(self, node: int) -> tuple[int, int]:
+        """As :meth:`get_resync_work`, but a region an orphan's live kernel may be writing is
+        never handed out (recovery would copy under its writes); the scan stays at the first
+        such region so it is found again once the orphan is released."""
+        kept = [r for r in self.priority if self._held_by_orphan(r)]
+        while self.priority:
+            r = self.priority.pop()
+            if not self.sync[r] and not self._held_by_orphan(r):
+                self.priority = kept + self.priority
+                return self._assign(node, r)
+        self.priority = kept
+        n = self.region_count
+        start = self.sync_search
+        first_skipped = -1
+        r = self.sync.find(0, start, n) if start < n else -1
+        while r >= 0 and self._held_by_orphan(r):
+            if first_skipped < 0:
+                first_skipped = r
+            r = self.sync.find(0, r + 1, n) if r + 1 < n else -1
+        if r < 0:
+            if first_skipped >= 0:
+                if self.sync_search != first_skipped:
+                    self.sync_search = first_skipped
+                    self.scalars_changed = True
+                return 0, 0
+            if self.sync_search != n + 1:
+                self.sync_search = n + 1
+                self.scalars_changed = True
+            return 0, 0
+        self.sync_search = first_skipped if first_skipped >= 0 else r + 1
         return self._assign(node, r)
 
     def _assign(self, node: int, r: int) -> tuple[int, int]:
@@ -312,7 +419,8 @@ class RegionLog:
             return p.EINVAL, 0, 0
         if self.recovery_halted:
             return 0, 0, n
-        remote = any(m != node for m in self.members)
+        # An orphan's kernel may be copying the region it was assigned: that is remote too.
+        remote = self.recoverer in self.orphans or any(m != node for m in self.members)
         recovering = remote and not self.sync[r]
         if recovering and r != self.recovering and r not in self.priority:
             self.priority.append(r)
@@ -347,6 +455,15 @@ class RegionLog:
         self.resumed = True
         self.recovery_halted = False
         self.in_sync_override = False
+        self.disk_loaded = True
+        self.scalars_changed = True
+
+    def rejoined_after_restart(self, resumed: bool, halted: bool, override: bool) -> None:
+        """A restarted daemon received the group's state: its kernel did not resume, so this
+        node's own flags stay what they were before the restart."""
+        self.resumed = resumed
+        self.recovery_halted = halted
+        self.in_sync_override = override
         self.disk_loaded = True
         self.scalars_changed = True
 
@@ -429,6 +546,61 @@ class RegionLog:
             self.recoverer = -1
             self.scalars_changed = True
         self.members.discard(node)
+        self.orphans.discard(node)
+        return lost
+
+    def node_process_gone(self, node: int) -> int:
+        """A member's daemon left its group while its node stays in the ring: its kernel may
+        still be writing the regions it holds.  They stay held by ``node`` (dirty, sync bits
+        as they are, never recovered), and so does a recovery it was running.  Returns how
+        many regions it holds (0: nothing to keep, the node is not an orphan)."""
+        self.members.discard(node)
+        held = sum(1 for h in self.holders.values() if node in h)
+        if held or self.recoverer == node:
+            self.orphans.add(node)
+        return held
+
+    def set_members(self, nodes: Collection[int]) -> None:
+        """The nodes with a member in the group now (an orphan that is a member again is one
+        no more only through :meth:`node_rejoined`)."""
+        self.members = set(nodes)
+
+    def node_rejoined(self, node: int, mode: Rejoin, regions: Sequence[int]) -> list[int]:
+        """A new daemon of ``node`` holds the group's state again and tells what its kernel
+        holds: ``REPLACE`` — exactly ``regions`` (from its state file; marks it no longer
+        holds are cleared), ``UNION`` — at least ``regions`` (nothing is released), ``FRESH``
+        — its kernel is new (the node rebooted): the old marks belong to a kernel that is gone
+        and their regions lose sync, as at a departure.  Returns the regions that lost sync."""
+        lost: list[int] = []
+        if mode is Rejoin.FRESH:
+            for r, h in list(self.holders.items()):
+                if node in h:
+                    h.discard(node)
+                    if not h:
+                        del self.holders[r]
+                    self._lose_sync(r)
+                    lost.append(r)
+            if self.recoverer == node:
+                self.recovering = -1
+                self.recoverer = -1
+                self.scalars_changed = True
+        elif self.check_regions(regions):
+            return lost  # a malformed list changes nothing (the sender's bug, not ours)
+        else:
+            keep = set(regions)
+            if mode is Rejoin.REPLACE:
+                stale = [r for r, h in self.holders.items() if node in h and r not in keep]
+                self.clear(node, stale)
+            self.mark(node, sorted(keep))
+        self.orphans.discard(node)
+        self.members.add(node)
+        if node == self.local_node and mode is Rejoin.UNION:
+            # A kernel that reconnected to a log without state: what the group says it held
+            # is what it may be writing.  (``mine`` only grows here: acknowledgements made
+            # since this message was sent are newer than it.)
+            for r, h in self.holders.items():
+                if node in h:
+                    self.mine[r] = 1
         return lost
 
     def merge_from(self, sides: Sequence[tuple[RegionLog, Collection[int]]]) -> list[int]:
@@ -457,6 +629,10 @@ class RegionLog:
         holders: dict[int, set[int]] = {}
         orphaned: set[int] = set()  # regions held by a node on no side
         assignments = set()
+        # A node on no side whose daemon some side saw go while the node stayed in the ring
+        # is an orphan, not a departed node: its live kernel's marks stay (from the sides
+        # that call it an orphan), until it rejoins or leaves the ring.
+        orphans = {o for other, _ in sides for o in other.orphans} - on_side
         for other, nodes in sides:
             sync &= other.sync[:n]
             settled = other.clean[:n]
@@ -464,9 +640,9 @@ class RegionLog:
                 if other.sync[region]:
                     settled[region] = 1  # clean once its holders clear it
                 for node in held_by:
-                    if node in nodes:
+                    if node in nodes or (node in orphans and node in other.orphans):
                         holders.setdefault(region, set()).add(node)
-                    elif node not in on_side:
+                    elif node not in on_side and node not in orphans:
                         orphaned.add(region)
             clean &= settled
             assignments.add((other.recovering, other.recoverer))
@@ -484,8 +660,9 @@ class RegionLog:
             [other.sync_search for other, _ in sides] + sorted(orphaned)[:1], default=0
         )
         recovering, recoverer = assignments.pop() if len(assignments) == 1 else (-1, -1)
-        if recoverer not in on_side:
+        if recoverer not in on_side and recoverer not in orphans:
             recovering, recoverer = -1, -1
+        self.orphans = orphans
         self.recovering, self.recoverer = recovering, recoverer
         self.priority = sorted({r for other, _ in sides for r in other.priority})
         self.disk_failed = any(other.disk_failed for other, _ in sides)
@@ -546,10 +723,14 @@ class RegionLog:
     def describe(self) -> str:
         """One line for logs and SIGUSR1 dumps."""
         marked = len(self.holders)
+        orphans = ",".join(
+            f"{o}:{sum(1 for h in self.holders.values() if o in h)}" for o in sorted(self.orphans)
+        )
         return (
             f"{self.config.type_word} regions={self.region_count} size={self.config.region_size}"
             f" in_sync={self.sync_count}/{self.region_count} marked={marked}"
             f" recovering={self.recovering}@{self.recoverer} search={self.sync_search}"
             f" resumed={int(self.resumed)} halted={int(self.recovery_halted)}"
             f" override={int(self.in_sync_override)} disk={self.health() if self.has_disk else '-'}"
+            + (f" orphans={orphans}" if orphans else "")
         )

@@ -39,7 +39,7 @@ from ulogd import protocol as p
 from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
 from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog, Resume, initialise
+from ulogd.regionlog import Rejoin, RegionLog, Resume, initialise
 from ulogd.statefile import LogState, MemoryState, StateDir
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,21 @@ class Entry:
     carried: bool = False  # region state came from a reload's previous instance
     orphaned: Group | None = None  # a group whose corosync connection was lost
     cycling: bool = False  # a suspend/resume of the local mirror driven by ulogd is running
+    #: what this node's kernel holds when the log joins its group (see RegionLog.node_rejoined)
+    rejoin: Rejoin = Rejoin.FRESH
+    #: restored from a state file in cluster mode: (resumed, halted, override) of this node's
+    #: kernel, kept while the log rejoins its group; requests wait until it has
+    restored_flags: tuple[bool, bool, bool] | None = None
 
     @property
     def waiting(self) -> bool:
         """Requests must queue: disk I/O in flight, or the group's state not here yet."""
-        return self.busy or self.resume_request is not None or self.orphaned is not None
+        return (
+            self.busy
+            or self.resume_request is not None
+            or self.orphaned is not None
+            or self.restored_flags is not None
+        )
 
 
 def tag(uuid: str) -> str:
@@ -331,6 +341,10 @@ class Server:
         except DeviceError as exc:
             log.error("%s CTR %r: log device: %s", tag(request.uuid), config.text, exc)
             return [self._reply(request, -exc.errno)]
+        if reconnect:
+            # The kernel reconnected but nothing of this log was kept: it may be writing
+            # regions the group holds for this node; they stay its marks.
+            entry.rejoin = Rejoin.UNION
         if _ctr_device_name(request, config, entry.device, reconnect) is None:
             log.error("%s CTR %r: log device name too long", tag(request.uuid), config.text)
             if entry.device is not None:
@@ -389,12 +403,14 @@ class Server:
                 device.close()
             raise
         initialise(config, state.clean, state.sync)
+        state.mine.setall(0)
         rl = RegionLog(
             config,
             state.clean,
             state.sync,
             local_node=self.local_node,
             device_id=_device_id(device, config),
+            mine=state.mine,
         )
         return Entry(rl, state, device, (uuid, luid))
 
@@ -420,8 +436,14 @@ class Server:
                 return key, entry
         return None
 
-    def restore(self, states: list[LogState]) -> None:
-        """Re-create the logs of a previous daemon from their state files."""
+    def restore(self, states: list[LogState]) -> list[Action]:
+        """Re-create the logs of a previous daemon from their state files.
+
+        This node's kernel still holds the marks it was acknowledged (its own-marks bitmap).
+        In cluster mode a clustered log rejoins its group at once, before it answers any
+        request (they wait, as for a joiner): the kernel will not reconnect by itself, and
+        its marks must be re-asserted in the group before anything else is applied."""
+        actions: list[Action] = []
         for state in states:
             ident = state.identity
             try:
@@ -453,11 +475,15 @@ class Server:
                 state.sync,
                 local_node=self.local_node,
                 device_id=_device_id(device, config),
+                mine=state.mine,
             )
             rl.restore_scalars(state.load_scalars())
+            rl.restore_own_marks()
             if config.log_device and device is None:
                 rl.disk_failed = True
-            self.logs[(ident.uuid, ident.luid)] = Entry(rl, state, device, (ident.uuid, ident.luid))
+            key = (ident.uuid, ident.luid)
+            entry = Entry(rl, state, device, key, rejoin=Rejoin.REPLACE)
+            self.logs[key] = entry
             log.info(
                 "%s restored luid=%#x from %s: %s",
                 tag(ident.uuid),
@@ -465,6 +491,15 @@ class Server:
                 state.path.name,
                 rl.describe(),
             )
+            if self.cluster and config.clustered and rl.resumed:
+                entry.restored_flags = (rl.resumed, rl.recovery_halted, rl.in_sync_override)
+                entry.group = Group(rl, (self.local_node, self.member_pid), rejoin=Rejoin.REPLACE)
+                log.info(
+                    "%s restored log rejoins its process group before it answers",
+                    tag(ident.uuid),
+                )
+                actions.append(Join(key, ident.uuid.encode() + b"\0"))
+        return actions
 
     def _dtr(self, entry: Entry, request: wire.Request) -> list[Action]:
         actions: list[Action] = []
@@ -503,7 +538,7 @@ class Server:
             rl.resume_member()  # the kernel resets its hint and asks for resync work again
             return [self._reply(request)]
         if self.cluster and rl.config.clustered and entry.group is None:
-            entry.group = Group(rl, (self.local_node, self.member_pid))
+            entry.group = Group(rl, (self.local_node, self.member_pid), rejoin=entry.rejoin)
             entry.resume_request = request
             log.info("%s RESUME: joining the log's process group", tag(request.uuid))
             return [Join(request.key, request.uuid.encode() + b"\0")]
@@ -596,16 +631,27 @@ class Server:
 
     def _flush(self, entry: Entry, request: wire.Request) -> list[Action]:
         marks = _regions(request.data)
-        err = entry.log.flush(self.local_node, marks)
+        rl = entry.log
+        err = rl.flush(self.local_node, marks)
         if err:
             return [self._reply(request, err)]
+        if marks:
+            rl.kernel_marked(marks)
         return self._write_then_reply(entry, request)
 
     def _mark(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, entry.log.mark(self.local_node, _regions(request.data)))]
+        regions = _regions(request.data)
+        err = entry.log.mark(self.local_node, regions)
+        if not err:
+            entry.log.kernel_marked(regions)
+        return [self._reply(request, err)]
 
     def _clear(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, entry.log.clear(self.local_node, _regions(request.data)))]
+        regions = _regions(request.data)
+        err = entry.log.clear(self.local_node, regions)
+        if not err:
+            entry.log.kernel_cleared(regions)
+        return [self._reply(request, err)]
 
     def _get_resync_work(self, entry: Entry, request: wire.Request) -> list[Action]:
         return [self._reply(request, 0, _PAIR.pack(*entry.log.get_resync_work(self.local_node)))]
@@ -638,12 +684,20 @@ class Server:
         left: list[tuple[int, int]],
         joined: list[tuple[int, int]],
         nodeup: list[tuple[int, int]] | None = None,
+        procdown: list[tuple[int, int]] | None = None,
     ) -> list[Action]:
         entry = self.logs.get(key)
         if entry is None or entry.group is None:
             return []
-        change = entry.group.confchg(members, left, joined, nodeup or ())
+        change = entry.group.confchg(members, left, joined, nodeup or (), procdown or ())
         return self._group_actions(entry, change)
+
+    def ring_changed(self, key: tuple[str, int], nodes: list[int]) -> list[Action]:
+        """The totem ring as this log's handle sees it (corosync's totem confchg)."""
+        entry = self.logs.get(key)
+        if entry is None or entry.group is None:
+            return []
+        return self._group_actions(entry, entry.group.ring_changed(nodes))
 
     def group_deliver(
         self, key: tuple[str, int], sender: tuple[int, int], data: bytes
@@ -671,7 +725,7 @@ class Server:
         entry = self.logs.get(key)
         if entry is None or entry.orphaned is None:
             return []
-        entry.group = Group(entry.log, (self.local_node, self.member_pid))
+        entry.group = Group(entry.log, (self.local_node, self.member_pid), rejoin=Rejoin.REPLACE)
         return [Join(key, key[0].encode() + b"\0")]
 
     def cycle_done(self, key: tuple[str, int], ok: bool) -> None:
@@ -762,12 +816,18 @@ class Server:
             )
             if request is not None:
                 actions += self._resume_locally(entry, request)
+        elif entry.restored_flags is not None:
+            # A restarted daemon: this node's kernel did not resume; its own flags stand.
+            rl.rejoined_after_restart(*entry.restored_flags)
+            self._save(entry)
+            log.info("%s rejoined its group after a restart: %s", tag(entry.key[0]), rl.describe())
         else:
             rl.resume_member()
             self._save(entry)
             log.info("%s received the group's state: %s", tag(entry.key[0]), rl.describe())
             if request is not None:
                 actions.append(self._reply(request))
+        entry.restored_flags = None
         if orphan is not None and entry.group is not None:
             actions += self._group_actions(entry, entry.group.adopt_pending(orphan))
         return actions + self._drain(entry)

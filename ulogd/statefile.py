@@ -15,7 +15,9 @@ File layout (host byte order; the file never leaves this machine)::
     0      magic "ULOGDST1", layout version, header size (4096)
     ...    luid, region count and size, bitmap size, the :class:`~ulogd.regionlog.Scalars`,
            a save counter, the uuid and the constructor text (enough to rebuild the log)
-    4096   clean bitmap (``bitmap_bytes``), then the sync bitmap
+    4096   clean bitmap (``bitmap_bytes``), then the sync bitmap, then this node's own marks
+           (what its kernel was acknowledged and has not cleared: ``RegionLog.mine``; the
+           kernel does not re-send MARKs to a restarted daemon)
 
 Scalars are written with one ``pack_into`` by :meth:`LogState.save_scalars` before the reply
 that depends on them.  A new file is built under a temporary name and renamed into place,
@@ -42,7 +44,7 @@ from ulogd.regionlog import Scalars, padded_bits
 log = logging.getLogger(__name__)
 
 MAGIC = b"ULOGDST1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: a third bitmap, this node's own marks (1 is still read)
 HEADER_SIZE = 4096
 # magic, layout version, header size, luid, region_count, region_size, bitmap_bytes
 _FIXED = struct.Struct("=8sIIQQQQ")
@@ -93,8 +95,10 @@ class MemoryState:
         bits = padded_bits(region_count)
         self.clean = bitarray(bits, endian="little")
         self.sync = bitarray(bits, endian="little")
+        self.mine = bitarray(bits, endian="little")
         self.clean.setall(0)
         self.sync.setall(0)
+        self.mine.setall(0)
 
     def save_scalars(self, scalars: Scalars) -> None:
         pass
@@ -120,6 +124,14 @@ class LogState:
         self.sync = bitarray(
             buffer=self._view[HEADER_SIZE + size : HEADER_SIZE + 2 * size], endian="little"
         )
+        if len(mapping) >= HEADER_SIZE + 3 * size:
+            self.mine = bitarray(
+                buffer=self._view[HEADER_SIZE + 2 * size : HEADER_SIZE + 3 * size],
+                endian="little",
+            )
+        else:  # a layout-1 file (an older daemon's): no own marks were kept
+            self.mine = bitarray(8 * size, endian="little")
+            self.mine.setall(0)
         self._saves = 0
 
     def save_scalars(self, s: Scalars) -> None:
@@ -149,7 +161,7 @@ class LogState:
         self._map.flush()
         os.close(self._fd)
         self._fd = -1
-        del self.clean, self.sync
+        del self.clean, self.sync, self.mine
         with contextlib.suppress(BufferError):
             self._view.release()
             self._map.close()
@@ -182,7 +194,7 @@ class StateDir:
         final = self.path / _file_name(uuid, luid)
         tmp = final.with_name(final.name + ".new")
         size = bitmap_bytes(region_count)
-        total = HEADER_SIZE + 2 * size
+        total = HEADER_SIZE + 3 * size
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, total)
@@ -224,9 +236,10 @@ class StateDir:
             mapping = mmap.mmap(fd, st.st_size)
             try:
                 magic, version, header, luid, count, rsize, size = _FIXED.unpack_from(mapping, 0)
-                if magic != MAGIC or version != LAYOUT_VERSION or header != HEADER_SIZE:
+                if magic != MAGIC or version not in (1, LAYOUT_VERSION) or header != HEADER_SIZE:
                     raise StateError("bad magic or layout version")
-                if size != bitmap_bytes(count) or st.st_size != HEADER_SIZE + 2 * size:
+                maps = 2 if version == 1 else 3
+                if size != bitmap_bytes(count) or st.st_size != HEADER_SIZE + maps * size:
                     raise StateError("bitmap size disagrees with the region count")
                 ulen, uuid, tlen, text = _TEXT.unpack_from(mapping, _TEXT_AT)
                 if ulen > len(uuid) or tlen > len(text):

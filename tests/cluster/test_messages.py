@@ -59,12 +59,22 @@ def test_round_trips() -> None:
     )
 )
 def test_ops_round_trip_property(ops: list[tuple[m.Op, int, list[int]]]) -> None:
-    arity = {m.Op.RESYNC_WORK: 0, m.Op.SET_SYNC: 2, m.Op.REMOTE_RECOVERING: 1}
+    arity = {m.Op.RESYNC_WORK: 0, m.Op.SET_SYNC: 2, m.Op.REMOTE_RECOVERING: 1, m.Op.NODE_GONE: 1}
     recs = tuple(
-        m.OpRecord(op, seq, tuple([*v, 0, 0][: arity[op]] if op in arity else v))
+        m.OpRecord(
+            op,
+            seq % 3 if op is m.Op.REJOIN else seq,
+            tuple([*v, 0, 0][: arity[op]] if op in arity else v),
+        )
         for op, seq, v in ops
     )
     assert m.decode(m.encode_ops(recs)) == m.Ops(recs)
+
+
+def test_rejoin_with_an_unknown_mode_is_dropped() -> None:
+    data = m.encode_ops([m.OpRecord(m.Op.REJOIN, 3, (1,))])
+    with pytest.raises(m.MessageError, match="REJOIN"):
+        m.decode(data)
 
 
 def test_little_endian_layout_at_fixed_offsets() -> None:
@@ -72,7 +82,7 @@ def test_little_endian_layout_at_fixed_offsets() -> None:
     little-endian, whatever this host's order."""
     data = m.encode_ops([m.OpRecord(m.Op.MARK, 0x01020304, (0x1122334455667788,))])
     assert data[0:4] == b"ULGC"
-    assert data[4:6] == b"\x02\x00"  # version 2
+    assert data[4:6] == b"\x03\x00"  # version 3
     assert data[6:8] == b"\x01\x00"  # OPS
     assert int.from_bytes(data[8:12], "little") == len(data) == 24 + 8 + 8
     assert int.from_bytes(data[12:16], "little") == zlib.crc32(data[24:])
@@ -113,8 +123,8 @@ def reframe(data: bytes, **changes: int) -> bytes:
         (lambda d: d[:20] + bytes([d[20] ^ 1]) + d[21:], "header CRC"),
         (lambda d: d[:5] + b"\x07" + d[6:], "header CRC"),  # any header bit
         (lambda d: d[:-1] + bytes([d[-1] ^ 0x80]), "body CRC"),
-        (lambda d: reframe(d, version=1), "protocol version 1"),
-        (lambda d: reframe(d, version=3), "protocol version 3"),
+        (lambda d: reframe(d, version=2), "protocol version 2"),
+        (lambda d: reframe(d, version=4), "protocol version 4"),
         (lambda d: reframe(d, size=len(d) + 1), "header says"),
         (lambda d: d[:-8], "header says"),  # truncated in transit
         (lambda d: reframe(d, kind=9), "unknown message type 9"),

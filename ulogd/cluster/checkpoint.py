@@ -5,7 +5,8 @@ Theory of operation
 A joiner must start from the state the group had *exactly* at the configuration change that
 admitted it, including what cmirrord never transferred: every node's mark references (so a
 joiner never cleans a region another node is writing), the recovery assignment and the
-priority list, the disk-log bookkeeping, and the group's own bookkeeping (which members hold
+priority list, the nodes whose daemon is gone while their kernel may still write (orphans),
+the disk-log bookkeeping, and the group's own bookkeeping (which members hold
 state, which are still waiting for it, and since when).
 
 :func:`snapshot` serialises all of that little-endian, compresses it (bitmaps of a healthy
@@ -25,8 +26,8 @@ from bitarray import bitarray
 
 from ulogd.regionlog import CHUNK_SHIFT, RegionLog
 
-_HEAD = struct.Struct("<4sIQQQqqIIIIIIQI")
-_MAGIC = b"UCK1"
+_HEAD = struct.Struct("<4sIQQQqqIIIIIIIQI")
+_MAGIC = b"UCK2"
 _FLAG_DISK_FAILED = 1
 _FLAG_FULL_WRITE = 2
 _FLAG_OVERRIDE = 4
@@ -59,16 +60,17 @@ def snapshot(rl: RegionLog, book: GroupBook) -> bytes:
     chunks = struct.pack(f"<{len(dirty)}I", *dirty)
     valid = b"".join(struct.pack("<II", *m) for m in book.valid)
     joiners = b"".join(struct.pack("<IIQ", *j) for j in book.joiners)
+    orphans = struct.pack(f"<{len(rl.orphans)}I", *sorted(rl.orphans))
     flags = (
         (_FLAG_DISK_FAILED if rl.disk_failed else 0)
         | (_FLAG_FULL_WRITE if rl.full_write else 0)
         | (_FLAG_OVERRIDE if rl.in_sync_override else 0)
     )
-    body = clean + sync + holders + priority + chunks + valid + joiners
+    body = clean + sync + holders + priority + chunks + valid + joiners + orphans
     head = _HEAD.pack(
         _MAGIC, flags, n, rl.config.region_size, book.index, rl.sync_search, rl.recovering,
         rl.recoverer & 0xFFFFFFFF, len(rl.holders), len(rl.priority), len(dirty),
-        len(book.valid), len(book.joiners), len(body), zlib.crc32(body),
+        len(book.valid), len(book.joiners), len(rl.orphans), len(body), zlib.crc32(body),
     )  # fmt: skip
     return zlib.compress(head + body, 1)
 
@@ -86,7 +88,7 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
     if len(raw) < _HEAD.size:
         raise CheckpointError("snapshot shorter than its header")
     (magic, flags, n, region_size, index, search, recovering, recoverer, nholders, nprio,
-     ndirty, nvalid, njoin, body_len, crc) = _HEAD.unpack_from(raw)  # fmt: skip
+     ndirty, nvalid, njoin, norphans, body_len, crc) = _HEAD.unpack_from(raw)  # fmt: skip
     body = raw[_HEAD.size :]
     if magic != _MAGIC or len(body) != body_len or zlib.crc32(body) != crc:
         raise CheckpointError("snapshot header or CRC mismatch")
@@ -118,6 +120,8 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
         pos += 8 * nvalid
         joiners = tuple(struct.iter_unpack("<IIQ", body[pos : pos + 16 * njoin]))
         pos += 16 * njoin
+        orphans = set(struct.unpack_from(f"<{norphans}I", body, pos))
+        pos += 4 * norphans
     except struct.error as exc:
         raise CheckpointError(f"snapshot body truncated: {exc}") from None
     if pos != len(body) or any(r >= n for r in holders) or any(r >= n for r in priority):
@@ -136,6 +140,7 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
     rl.sync[:n] = sync[:n]
     rl.sync_count = rl.sync.count(1, 0, n)
     rl.holders = holders
+    rl.orphans = orphans
     rl.priority = priority
     rl.dirty_chunks = dirty
     rl.sync_search = search

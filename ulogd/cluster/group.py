@@ -62,7 +62,7 @@ from ulogd import wire
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import messages as m
 from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog
+from ulogd.regionlog import Rejoin, RegionLog
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,21 @@ class _Assembly:
 class Group:
     """See the module docstring."""
 
-    def __init__(self, rl: RegionLog, me: MemberId, *, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        rl: RegionLog,
+        me: MemberId,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        rejoin: Rejoin = Rejoin.FRESH,
+    ) -> None:
         self.log = rl
+        #: what this member says about its kernel's marks once it holds the group's state:
+        #: REPLACE (restored from its state file), UNION (a reconnect without state), FRESH
+        self.rejoin = rejoin
+        #: node ids in the totem ring (None until corosync reports it)
+        self.ring: set[int] | None = None
+        self._gone_sent: set[int] = set()  # orphans whose ring departure this member announced
         self.me = me
         self.chunk_size = chunk_size
         self.phase = Phase.JOINING
@@ -225,13 +238,19 @@ class Group:
             regions = struct.unpack(f"={len(data) // 8}Q", data)
             if err := rl.check_regions(regions):
                 return [Answer(request, err)]
-            op = m.Op.MARK if rtype == T.MARK_REGION else m.Op.CLEAR
+            if rtype == T.MARK_REGION:
+                op = m.Op.MARK
+                rl.kernel_marked(regions)  # acknowledged now: persisted before the reply
+            else:
+                op = m.Op.CLEAR
+                rl.kernel_cleared(regions)
             self.outbox.append(m.OpRecord(op, request.seq, regions))
             return [Answer(request)]
         if rtype == T.FLUSH:
             marks = struct.unpack(f"={len(data) // 8}Q", data)
             if err := rl.check_regions(marks):
                 return [Answer(request, err)]
+            rl.kernel_marked(marks)
             record = m.OpRecord(m.Op.FLUSH, request.seq, marks)
         elif rtype == T.GET_RESYNC_WORK:
             record = m.OpRecord(m.Op.RESYNC_WORK, request.seq)
@@ -293,9 +312,12 @@ class Group:
         left: Sequence[MemberId],
         joined: Sequence[MemberId],
         nodeup: Sequence[MemberId] = (),
+        procdown: Sequence[MemberId] = (),
     ) -> list[Action]:
         """A configuration change; ``nodeup`` names the joined members that arrived with a
-        merging partition (corosync's NODEUP reason) rather than by joining."""
+        merging partition (corosync's NODEUP reason) rather than by joining; ``procdown`` the
+        left members whose process went while their node stays in the ring (PROCDOWN, or a
+        LEAVE that no suspend preceded): their kernels may still be writing."""
         members_t = tuple(sorted(members))
         if self.phase is Phase.LEFT:
             return []
@@ -310,15 +332,17 @@ class Group:
             self.log.members = {n for n, _ in members_t}
             return self._maybe_master()
         self.index += 1
-        return self._on_confchg(("confchg", members_t, tuple(left), tuple(joined), tuple(nodeup)))
+        return self._on_confchg(
+            ("confchg", members_t, tuple(left), tuple(joined), tuple(nodeup), tuple(procdown))
+        )
 
     def _on_confchg(self, event: tuple) -> list[Action]:
         """A change (already counted) as it comes, or as a merge round hands it on."""
-        _, members_t, left, joined, nodeup = event
+        _, members_t, left, joined, nodeup, procdown = event
         if self._merge is not None:
             return self._merge_confchg(members_t, left, event)
         if _is_merge(event):
-            return self._start_merge(members_t, left, nodeup)
+            return self._start_merge(members_t, left, nodeup, procdown)
         self._changes += 1
         if self.phase is Phase.JOINING:
             self._queue.append((self.index, event))
@@ -327,7 +351,7 @@ class Group:
             self._cohort &= set(members_t)
             self.log.members = {n for n, _ in members_t}
             return self._maybe_master()
-        return self._apply_confchg(members_t, left, joined)
+        return self._apply_confchg(members_t, left, joined, procdown)
 
     # ------------------------------------------------------------------ partition merges
     def _start_merge(
@@ -335,6 +359,7 @@ class Group:
         members: tuple[MemberId, ...],
         left: tuple[MemberId, ...],
         nodeup: tuple[MemberId, ...],
+        procdown: tuple[MemberId, ...] = (),
     ) -> list[Action]:
         """Partitions merged: every member contributes its state as of this change (or says it
         has none); events are held until every contribution is in, then all replicas combine
@@ -346,7 +371,7 @@ class Group:
             # change takes part in the round, and those without state become joiners when it
             # completes (a checkpoint started now would be abandoned right away).
             self._hold_duty = True
-            actions += self._apply_confchg(members, left, ())
+            actions += self._apply_confchg(members, left, (), procdown)
             self._hold_duty = False
         self.members = members
         self.log.members = {n for n, _ in members}
@@ -550,6 +575,7 @@ class Group:
         members: tuple[MemberId, ...],
         left: tuple[MemberId, ...],
         joined: tuple[MemberId, ...],
+        procdown: tuple[MemberId, ...] = (),
     ) -> list[Action]:
         rl = self.log
         old_server = self.disk_server
@@ -560,7 +586,18 @@ class Group:
             self.joiners.pop(member, None)
             was_valid = member in self.valid
             self.valid.discard(member)
-            if was_valid and member[0] not in present_nodes:
+            if was_valid and member[0] not in present_nodes and member in procdown:
+                # A dead daemon is not a dead node: its kernel keeps writing what it holds.
+                held = rl.node_process_gone(member[0])
+                if member[0] in rl.orphans:
+                    log.warning(
+                        "member %d's daemon left while its node stays in the ring: its %d "
+                        "marked region(s) stay held until it rejoins or leaves the ring",
+                        member[0],
+                        held,
+                    )
+                    actions += self._report_gone()
+            elif was_valid and member[0] not in present_nodes:
                 lost = rl.node_departed(member[0])
                 if lost:
                     actions.append(Recover(lost))
@@ -686,9 +723,9 @@ class Group:
     def _replay(self, idx: int, event: tuple[Any, ...]) -> list[Action]:
         kind, *rest = event
         if kind == "confchg":
-            members, left, joined, _ = rest
+            members, left, joined, _, procdown = rest
             self.index = idx
-            return self._apply_confchg(members, left, joined)
+            return self._apply_confchg(members, left, joined, procdown)
         sender, message = rest
         self.index = idx
         if isinstance(message, m.CheckpointChunk):
@@ -744,6 +781,30 @@ class Group:
             elif rec.op is m.Op.REMOTE_RECOVERING:
                 err, recovering, hint = rl.is_remote_recovering(node, rec.values[0])
                 result = (err, _PAIR.pack(recovering, hint))
+            elif rec.op is m.Op.REJOIN:
+                if not self._node_has_member(node, besides=sender):
+                    lost = rl.node_rejoined(node, Rejoin(rec.seq), rec.values)
+                    if lost:
+                        log.warning(
+                            "node %d came back with a new kernel: the %d region(s) its old "
+                            "one held lose sync and will be recovered",
+                            node,
+                            len(lost),
+                        )
+                        actions.append(Recover(lost))
+            elif rec.op is m.Op.NODE_GONE:
+                gone = rec.values[0]
+                if gone in rl.orphans and not self._node_has_member(gone):
+                    lost = rl.node_departed(gone)
+                    rl.members = {n for n, _ in self.members}
+                    log.warning(
+                        "orphan node %d left the ring: %d region(s) lose sync and will be "
+                        "recovered",
+                        gone,
+                        len(lost),
+                    )
+                    if lost:
+                        actions.append(Recover(lost))
             if mine and result is not None:
                 request = self.waiting.pop(rec.seq, None)
                 if request is not None:
@@ -825,11 +886,26 @@ class Group:
                 actions += self._replay(absolute, event)
         self.index = final_index
         actions += self._count_chunk(chunk, sender)  # the final chunk, as everybody counts it
-        return actions
+        # Before anything else this member sends: what its kernel holds (a restarted daemon's
+        # marks replace the ones its node kept as an orphan; a new kernel releases them).
+        again = self._rejoin_ops()
+        if again:
+            self.outbox = again + self.outbox
+            actions += self._send([])
+        return actions + self._report_gone()
 
     # ------------------------------------------------------------------ leaving
     def postsuspend(self, request: wire.Request) -> list[Action]:
-        """Send what is still held back, and leave once all of it has been delivered."""
+        """Send what is still held back, and leave once all of it has been delivered.
+
+        The kernel has drained its I/O before POSTSUSPEND (and marks every region again on
+        its next write), so this node's leftover marks are cleared on the way out: a member
+        that leaves after them is not an orphan.  Without quorum the CLEAR stays held and the
+        marks stay, as an orphan's, until the node rejoins or leaves the ring."""
+        leftover = [r for r, h in self.log.holders.items() if self.me[0] in h]
+        if leftover and self.quorate:
+            self.log.kernel_cleared(leftover)
+            self.outbox.append(m.OpRecord(m.Op.CLEAR, 0, tuple(sorted(leftover))))
         actions = self._send([]) if self.outbox and self.quorate else []
         self._leaving = request
         return actions + self._leave_if_drained()
@@ -878,6 +954,53 @@ class Group:
         for request in sorted(requests, key=lambda r: r.seq):
             actions += self.submit(request)
         return actions or self.flush_outbox()
+
+    # ------------------------------------------------------------------ live kernels
+    def ring_changed(self, nodes: Sequence[int]) -> list[Action]:
+        """The totem ring now holds ``nodes`` (a local notification: not ordered with the
+        group's messages, so a departure it shows is announced in the total order)."""
+        self.ring = set(nodes)
+        self._gone_sent -= self.ring  # a node back in the ring may leave it again
+        return self._report_gone()
+
+    def _report_gone(self) -> list[Action]:
+        """Announce orphans whose node is no longer in the ring (once each)."""
+        if self.phase is not Phase.VALID or self.ring is None or self._merge is not None:
+            return []
+        gone = sorted(self.log.orphans - self.ring - self._gone_sent)
+        if not gone:
+            return []
+        self._gone_sent.update(gone)
+        for node in gone:
+            log.warning(
+                "node %d left the ring while its daemon was gone: its regions lose sync", node
+            )
+        ops = [m.OpRecord(m.Op.NODE_GONE, 0, (node,)) for node in gone]
+        self.in_flight += 1
+        self.unconfirmed.append(tuple(ops))
+        return [Multicast(m.encode_ops(ops))]
+
+    def _rejoin_ops(self) -> list[m.OpRecord]:
+        """What this member's kernel holds, said before anything else it sends once it has
+        the group's state (after a daemon restart, or for a kernel that is new)."""
+        rl = self.log
+        mode = self.rejoin
+        node = self.me[0]
+        if mode is Rejoin.REPLACE:
+            marks = rl.own_marks()
+        elif node in rl.orphans:
+            marks = []
+        else:
+            return []  # nothing of this node's is held: nothing to say
+        if mode is Rejoin.REPLACE and not self.quorate:
+            mode = Rejoin.UNION  # releasing stale marks is a CLEAR: not without quorum
+        chunks = [marks[i : i + 0xFFFF] for i in range(0, len(marks), 0xFFFF)] or [[]]
+        ops = [m.OpRecord(m.Op.REJOIN, int(mode), tuple(chunks[0]))]
+        ops += [m.OpRecord(m.Op.REJOIN, int(Rejoin.UNION), tuple(c)) for c in chunks[1:]]
+        return ops
+
+    def _node_has_member(self, node: int, besides: MemberId | None = None) -> bool:
+        return any(mm[0] == node and mm != besides for mm in self.valid)
 
     def set_quorate(self, quorate: bool) -> list[Action]:
         self.quorate = quorate

@@ -6,7 +6,7 @@ Every message is a fixed 24-byte header followed by a typed body, all little-end
 the host (mixed-endian clusters work; cmirrord sent host-order bitmaps)::
 
     0   u32  magic "ULGC"
-    4   u16  protocol version (2)
+    4   u16  protocol version (3)
     6   u16  message type
     8   u32  total size (header + body)
     12  u32  CRC-32 of the body
@@ -29,7 +29,13 @@ problem, and the caller drops the message with a log line.  Bodies:
   is the merge change's membership, the snapshot's book names the sender's side: who held
   state there and who did not).
 
-Version 2 changed how merge contributions are combined (each node's marks come from its own
+* ``REJOIN`` and ``NODE_GONE`` ops (version 3) carry the live-kernel rules: a node's new
+  daemon re-asserts what its kernel holds before anything else it sends, and a member that
+  sees an orphan's node leave the ring says so in the total order (ring changes are local
+  notifications, not ordered with messages, so every replica applies them at this message).
+
+Version 3 added the ``REJOIN``/``NODE_GONE`` ops and the orphan list in snapshots; version 2
+changed how merge contributions are combined (each node's marks come from its own
 side, see :meth:`~ulogd.regionlog.RegionLog.merge_from`); members of both versions in one group
 would combine them differently, so a member drops the other version's messages.
 """
@@ -42,7 +48,7 @@ import zlib
 from dataclasses import dataclass, field
 
 MAGIC = 0x43474C55  # "ULGC" little-endian
-VERSION = 2
+VERSION = 3
 _HEADER = struct.Struct("<IHHIIII")
 HEADER_SIZE = _HEADER.size  # 24
 
@@ -65,10 +71,12 @@ class Op(enum.IntEnum):
     RESYNC_WORK = 4
     SET_SYNC = 5  # values: region, in_sync
     REMOTE_RECOVERING = 6  # values: region
+    REJOIN = 7  # seq: a RegionLog.Rejoin mode; values: the marks the sender's kernel holds
+    NODE_GONE = 8  # values: a node seen leaving the ring while it held marks as an orphan
 
 
 #: ops that carry a fixed number of values (the group indexes them without checking)
-_ARITY = {Op.RESYNC_WORK: 0, Op.SET_SYNC: 2, Op.REMOTE_RECOVERING: 1}
+_ARITY = {Op.RESYNC_WORK: 0, Op.SET_SYNC: 2, Op.REMOTE_RECOVERING: 1, Op.NODE_GONE: 1}
 
 _OP = struct.Struct("<BBHI")
 _DONE = struct.Struct("<Qi")
@@ -205,6 +213,8 @@ def _decode_ops(body: bytes) -> tuple[OpRecord, ...]:
             op = Op(kind)
         except ValueError:
             raise MessageError(f"unknown op {kind}") from None
+        if op is Op.REJOIN and seq not in (0, 1, 2):
+            raise MessageError(f"REJOIN with mode {seq}")
         if _ARITY.get(op, count) != count:
             raise MessageError(f"op {op.name} with {count} values (expects {_ARITY[op]})")
         values = struct.unpack_from(f"<{count}Q", body, pos)

@@ -123,7 +123,17 @@ class CorosyncLink:
             reasons = ", ".join(f"{m.nodeid}:{m.reason.name}" for m in change.left + change.joined)
             log.info("[%s] group members %s (%s)", key[0][-8:], members, reasons)
             nodeup = [m.ident for m in change.joined if m.reason is cpg.Reason.NODEUP]
-            self.execute(self.server.group_confchg(key, members, left, joined, nodeup))
+            # A process that went (PROCDOWN), or left without a suspend before (LEAVE: a
+            # daemon shutting down), leaves its node in the ring and its kernel writing;
+            # NODEDOWN is the node's own departure.  (A LEAVE after POSTSUSPEND cleared its
+            # marks first, so it leaves nothing to keep.)
+            procdown = [
+                m.ident for m in change.left if m.reason in (cpg.Reason.PROCDOWN, cpg.Reason.LEAVE)
+            ]
+            self.execute(self.server.group_confchg(key, members, left, joined, nodeup, procdown))
+
+        def on_totem(ring: Any) -> None:
+            self.execute(self.server.ring_changed(key, list(ring.nodes)))
 
         def on_lost(lost: Any) -> None:
             log.error("[%s] corosync connection lost (%s)", key[0][-8:], lost.op)
@@ -132,7 +142,9 @@ class CorosyncLink:
                 self.register(lost.fd, None)  # already closed by the handle
 
         try:
-            handle = cpg.Handle(on_deliver=on_deliver, on_confchg=on_confchg, on_lost=on_lost)
+            handle = cpg.Handle(
+                on_deliver=on_deliver, on_confchg=on_confchg, on_lost=on_lost, on_totem=on_totem
+            )
             handle.join(name)
         except cpg.CpgError as exc:
             log.error("[%s] cannot join the group (%s): retrying", key[0][-8:], exc)
