@@ -150,7 +150,7 @@ def test_snapshot_with_a_held_clean_region_is_refused() -> None:
     rl = RegionLog(config, *new_bitmaps(config), local_node=1)
     blob = ck.snapshot(rl, ck.GroupBook(1, ((1, 10),), ()))
     raw = zlib.decompress(blob)
-    head = struct.Struct("<4sIQQQqqIIIIIIQI")
+    head = struct.Struct("<4sIQQQqqIIIIIIIQI")
     fields = list(head.unpack_from(raw))
     body = raw[head.size :]
     nbytes = 16  # bytes per bitmap of 128 regions
@@ -159,7 +159,7 @@ def test_snapshot_with_a_held_clean_region_is_refused() -> None:
         f = list(fields)
         for name, value in changes.items():
             f[{"nholders": 8, "recovering": 6, "search": 5}[name]] = value
-        f[13], f[14] = len(new_body), zlib.crc32(new_body)
+        f[14], f[15] = len(new_body), zlib.crc32(new_body)
         return zlib.compress(head.pack(*f) + new_body)
 
     holder = struct.pack("<QHI", 3, 1, 2)  # region 3 held by node 2: clean in the bitmaps
