@@ -100,6 +100,26 @@ class SimNode:
         self.group = None
         self.log = None
 
+    def restart_daemon(self) -> None:
+        """A new daemon on the same node and kernel (new pid): it restores the dead one's
+        replica and own marks from its state file, and rejoins saying what its kernel holds
+        (the kernel re-sends no MARK)."""
+        assert self.log is not None
+        old = self.log
+        config = ctr.parse(self.ctr_text.encode())
+        self.log = RegionLog(
+            config, old.clean, old.sync, local_node=self.nodeid, device_id="7:0", mine=old.mine
+        )
+        self.log.restore_scalars(old.scalars())
+        self.log.restore_own_marks()
+        self.pid = next(_pids)
+        self.group = g.Group(
+            self.log, self.member, chunk_size=self.chunk_size, rejoin=g.Rejoin.REPLACE
+        )
+        self.ready = False
+        self.master = None
+        self.left_ok = False
+
 
 @dataclass(frozen=True)
 class Msg:
@@ -113,6 +133,7 @@ class Conf:
     members: tuple[SimNode, ...]  # the view after the change
     left: tuple[SimNode, ...]
     joined: tuple[SimNode, ...]
+    procdown: tuple[SimNode, ...] = ()  # left: the process died, the node stays in the ring
 
 
 @dataclass(frozen=True)
@@ -157,6 +178,7 @@ class VirtualGroup:
         *,
         at: int | None = None,
         drop_after: Iterable[SimNode] = (),
+        procdown: Iterable[SimNode] = (),
     ) -> None:
         """One configuration change; ``at`` orders it before queued messages (clamped to after
         the last queued change); messages of ``drop_after`` members ordered after it are lost."""
@@ -165,7 +187,7 @@ class VirtualGroup:
             assert n not in self.members, f"node {n.nodeid} is already a member"
             if n.orphan is not None:
                 n.rejoin_group()
-            else:
+            elif n.group is None or n.ready:
                 n.fresh_group()
         for n in left_t:
             assert n in self.members, f"node {n.nodeid} is not a member"
@@ -177,7 +199,7 @@ class VirtualGroup:
                 e for e in self.queue[pos:] if not (isinstance(e, Msg) and id(e.sender) in gone)
             ]
         self.members = [n for n in self.members if n not in left_t] + list(joined_t)
-        self.queue.insert(pos, Conf(tuple(self.members), left_t, joined_t))
+        self.queue.insert(pos, Conf(tuple(self.members), left_t, joined_t, tuple(procdown)))
 
     def join(self, node: SimNode, *, at: int | None = None) -> None:
         self.change(joined=[node], at=at)
@@ -198,6 +220,27 @@ class VirtualGroup:
             node.group = None  # a dead process acts no more
             self.crashed.append(node)
         self.pending_writes = [(n, i) for n, i in self.pending_writes if n not in nodes]
+
+    def kill_daemon(self, node: SimNode, *, at: int | None = None) -> None:
+        """``kill -9`` of the node's daemon only: its kernel lives on and keeps writing the
+        regions it holds; the others see PROCDOWN.  Its replica stays (the state file)."""
+        if at is None:
+            at = self.rng.randint(self._last_conf(), len(self.queue))
+        self.change(left=[node], at=at, drop_after=[node], procdown=[node])
+        node.group = None
+        self.pending_writes = [(n, i) for n, i in self.pending_writes if n is not node]
+
+    def rejoin_after_restart(self, node: SimNode) -> None:
+        """The node's new daemon (same kernel) rejoins with what it restored."""
+        node.restart_daemon()
+        self.change(joined=[node])
+
+    def ring_changed(self, nodes: Iterable[int]) -> None:
+        """Every listening member's corosync reports the totem ring (a local notification)."""
+        ring = list(nodes)
+        for n in self.listening:
+            if n.group is not None:
+                self._act(n, n.group.ring_changed(ring))
 
     def lose_corosync(self, node: SimNode, *, at: int | None = None) -> None:
         """The node's corosync dies: a crash for the others (see :meth:`crash`), but the
@@ -282,9 +325,10 @@ class VirtualGroup:
             ms = [n.member for n in event.members]
             left = [n.member for n in event.left]
             joined = [n.member for n in event.joined]
+            procdown = [n.member for n in event.procdown]
             for n in list(self.view):
                 if n.group is not None and not self.is_deaf(n):
-                    self._act(n, n.group.confchg(ms, left, joined))
+                    self._act(n, n.group.confchg(ms, left, joined, procdown=procdown))
         else:
             everyone = [n for side in event.sides for n in side]
             self.view = everyone
