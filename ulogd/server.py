@@ -39,7 +39,7 @@ from ulogd import protocol as p
 from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
 from ulogd.protocol import RequestType as T
-from ulogd.regionlog import Rejoin, RegionLog, Resume, initialise
+from ulogd.regionlog import RegionLog, Rejoin, Resume, initialise
 from ulogd.statefile import LogState, MemoryState, StateDir
 
 log = logging.getLogger(__name__)

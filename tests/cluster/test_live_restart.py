@@ -78,7 +78,7 @@ def test_an_orphans_regions_are_never_made_clean_by_others() -> None:
 
 
 def test_an_orphans_out_of_sync_region_is_not_handed_out_for_recovery() -> None:
-    vg, (a, b, c) = three()
+    vg, (a, b, _c) = three()
     write(vg, b, 6)
     vg.request(b, T.SET_REGION_SYNC, struct.pack("=Qq", 6, 0))  # a write to it failed
     vg.run()
@@ -154,7 +154,7 @@ def test_a_node_back_with_a_new_kernel_releases_the_old_marks_as_lost() -> None:
 
 
 def test_postsuspend_clears_leftover_marks_so_the_leaver_is_no_orphan() -> None:
-    vg, (a, b, c) = three()
+    vg, (a, b, _c) = three()
     write(vg, b, 10)
     vg.postsuspend(b)
     vg.run()
@@ -166,7 +166,7 @@ def test_postsuspend_clears_leftover_marks_so_the_leaver_is_no_orphan() -> None:
 
 
 def test_rejoin_without_quorum_releases_nothing() -> None:
-    vg, (a, b, c) = three()
+    vg, (a, b, _c) = three()
     write(vg, b, 3)
     vg.request(b, T.CLEAR_REGION, regions(3))
     vg.kill_daemon(b, at=len(vg.queue))

@@ -62,7 +62,7 @@ from ulogd import wire
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import messages as m
 from ulogd.protocol import RequestType as T
-from ulogd.regionlog import Rejoin, RegionLog
+from ulogd.regionlog import RegionLog, Rejoin
 
 log = logging.getLogger(__name__)
 
