@@ -144,3 +144,44 @@ def test_mirrors_using_reads_dmsetup_table() -> None:
     )
     assert dmcontrol.mirrors_using("LVM-bus", table) == ["m0", "m2"]
     assert dmcontrol.mirrors_using("LVM-other", table) == []
+
+
+def test_a_restarted_daemon_rejoins_before_answering_and_keeps_its_kernels_marks(
+    tmp_path,
+) -> None:
+    """kill -9 of b's daemon only (PROCDOWN): a keeps b's marks and cycles nothing; b's next
+    daemon restores its log, rejoins the group before it answers (the kernel sends no CTR or
+    RESUME: it just goes on, re-sending a request only after its timeout), and re-asserts the
+    marks its kernel was acknowledged, including one that never reached the group."""
+    from ulogd.statefile import StateDir
+
+    bus = Bus()
+    a = node(1)
+    b = Server(cluster=True, local_node=2, member_pid=102, state_dir=StateDir(tmp_path))
+    create(bus, a, 10)
+    create(bus, b, 20)
+    bus.request(b, T.MARK_REGION, struct.pack("=Q", 7), 21)
+    bus.request(b, T.FLUSH, b"", 22)
+    bus.request(b, T.MARK_REGION, struct.pack("=Q", 9), 23)  # acknowledged, not yet multicast
+    me = bus.ident(b)
+    del bus.members[me]  # the process is gone, its node (and kernel) stays in the ring
+    members = sorted(bus.members)
+    for ident, srv in list(bus.members.items()):
+        bus.perform(srv, srv.group_confchg((UUID, ident[0]), members, [me], [], procdown=[me]))
+    ra = a.logs[(UUID, 1)].log
+    assert ra.holders == {7: {2}} and ra.orphans == {2} and not bus.cycles
+    b.close()
+
+    b2 = Server(cluster=True, local_node=2, member_pid=202, state_dir=StateDir(tmp_path))
+    joins = b2.restore(b2.state_dir.load_all())  # type: ignore[union-attr]
+    assert [type(j) for j in joins] == [Join]
+    datagram = wire.encode_request(T.IS_CLEAN, uuid=UUID, luid=2, seq=30, data=struct.pack("=Q", 9))
+    assert b2.receive(datagram) == []  # waits: the log has not got the group's state yet
+    bus.perform(b2, joins)
+    bus.run()
+    got = bus.replies[bus.ident(b2)]
+    assert [r.seq for r in got] == [30] and struct.unpack("=q", got[0].data) == (0,)
+    for srv, luid in ((a, 1), (b2, 2)):
+        rl = srv.logs[(UUID, luid)].log
+        assert rl.holders == {7: {2}, 9: {2}} and rl.orphans == set()
+    assert not bus.cycles

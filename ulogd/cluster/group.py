@@ -179,6 +179,7 @@ class Group:
         #: node ids in the totem ring (None until corosync reports it)
         self.ring: set[int] | None = None
         self._gone_sent: set[int] = set()  # orphans whose ring departure this member announced
+        self._ready_after_rejoin = False  # Ready waits for this member's own REJOIN
         self.me = me
         self.chunk_size = chunk_size
         self.phase = Phase.JOINING
@@ -758,6 +759,10 @@ class Group:
         node = sender[0]
         mine = sender == self.me
         actions: list[Action] = []
+        if mine and self._ready_after_rejoin and any(r.op is m.Op.REJOIN for r in ops):
+            self._ready_after_rejoin = False
+            actions += self._apply_ops(sender, ops)
+            return [*actions, Ready(master=False)]
         for rec in ops:
             result: tuple[int, bytes] | None = None
             if rec.op is m.Op.MARK:
@@ -890,6 +895,9 @@ class Group:
         # marks replace the ones its node kept as an orphan; a new kernel releases them).
         again = self._rejoin_ops()
         if again:
+            # ... and this member answers nothing until that is applied (Ready then).
+            actions = [a for a in actions if not isinstance(a, Ready)]
+            self._ready_after_rejoin = True
             self.outbox = again + self.outbox
             actions += self._send([])
         return actions + self._report_gone()
