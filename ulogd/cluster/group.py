@@ -30,8 +30,20 @@ they run:
   the departure, and joiners drop the partial one.  When no member with state remains (all
   joined together, or the older ones left), the lowest member of the oldest cohort becomes the
   *master* and its own replica (or the disk) is the truth.
-* **Departures.**  A member that leaves without clearing its marks (crash, or a leave with
-  writes outstanding) may have written one leg only: every region it held loses sync
+* **A dead daemon is not a dead node.**  The rule: *no region is recovered or made clean
+  while a live kernel may still be writing it*, and a node's kernel outlives its daemon.  A
+  member that leaves while its node stays in the ring (PROCDOWN, or a LEAVE that no suspend
+  preceded) keeps its marks in every replica as an *orphan's*
+  (:meth:`RegionLog.node_process_gone`): dirty, sync bits as they are, never recovered, never
+  made clean.  They are released only in the total order: by its node's new daemon, whose
+  first message (``REJOIN``) says what its kernel holds — the own marks restored from its
+  state file replace them, a new kernel (the node rebooted) makes them lose sync — and which
+  answers nothing until that message is applied; or by ``NODE_GONE``, which a member sends
+  when its totem ring no longer holds the orphan's node (ring changes are local
+  notifications, so they are announced, not applied).  At POSTSUSPEND (I/O drained) a member
+  clears its leftover marks before it leaves, so a suspended mirror leaves no orphan.
+* **Departures.**  A member whose node leaves the ring (NODEDOWN) without clearing its marks
+  may have written one leg only: every region it held loses sync
   (:meth:`RegionLog.node_departed`), its recovery assignment is handed out again, and if it was
   the disk server the next server rewrites the whole log and answers the flushes that waited
   for the old one, at once.  A member that lost its own corosync and comes back marks the
