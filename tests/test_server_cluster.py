@@ -170,6 +170,8 @@ def test_a_restarted_daemon_rejoins_before_answering_and_keeps_its_kernels_marks
         bus.perform(srv, srv.group_confchg((UUID, ident[0]), members, [me], [], procdown=[me]))
     ra = a.logs[(UUID, 1)].log
     assert ra.holders == {7: {2}} and ra.orphans == {2} and not bus.cycles
+    assert a.orphan_report(100.0) == [((UUID, 1), 2, 1, 100.0)]
+    assert a.orphan_report(200.0) == [((UUID, 1), 2, 1, 100.0)]  # since the first report
     b.close()
 
     b2 = Server(cluster=True, local_node=2, member_pid=202, state_dir=StateDir(tmp_path))
@@ -184,4 +186,4 @@ def test_a_restarted_daemon_rejoins_before_answering_and_keeps_its_kernels_marks
     for srv, luid in ((a, 1), (b2, 2)):
         rl = srv.logs[(UUID, luid)].log
         assert rl.holders == {7: {2}, 9: {2}} and rl.orphans == set()
-    assert not bus.cycles
+    assert not bus.cycles and a.orphan_report(300.0) == []

@@ -240,6 +240,7 @@ def snapshot(
     """The ``status`` answer: the daemon and every log (JSON-ready)."""
     server = daemon.server
     logs = []
+    orphans = server.orphan_report(time.time())
     for (uuid, luid), entry in sorted(server.logs.items()):
         rl = entry.log
         config = rl.config
@@ -257,6 +258,11 @@ def snapshot(
                 "in_sync": rl.sync_count,
                 "in_sync_percent": round(100.0 * rl.sync_count / n, 2) if n else 100.0,
                 "marked": len(rl.holders),
+                "orphans": [
+                    {"node": node, "regions": held, "since": since}
+                    for k, node, held, since in orphans
+                    if k == (uuid, luid)
+                ],
                 "recovering": rl.recovering if rl.recovering >= 0 else None,
                 "recoverer": rl.recoverer if rl.recovering >= 0 else None,
                 "recovery_halted": rl.recovery_halted,

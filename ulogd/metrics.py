@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +175,15 @@ class DaemonCollector:
             marked.add_metric(values, len(rl.holders))
             failed.add_metric(values, int(rl.disk_failed))
             resumed.add_metric(values, int(rl.resumed))
+        orphaned = GaugeMetricFamily(
+            "ulogd_log_orphaned_regions",
+            "Regions held for a node whose daemon is gone while the node stays in the ring",
+            labels=[*labels, "node"],
+        )
+        for (uuid, luid), node, held, _ in server.orphan_report(time.time()):
+            entry = server.logs[(uuid, luid)]
+            orphaned.add_metric([uuid, f"{luid:#x}", entry.log.config.type_word, str(node)], held)
+        yield orphaned
         yield GaugeMetricFamily("ulogd_logs", "Logs served", value=len(server.logs))
         yield from (regions, in_sync, marked, failed, resumed)
 

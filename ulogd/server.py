@@ -202,6 +202,7 @@ class Server:
         self._next_token = 1
         self._counts: dict[tuple[int, int], int] = {}  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
+        self._orphan_since: dict[tuple[tuple[str, int], int], float] = {}
         self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
             T.PRESUSPEND: self._presuspend,
@@ -833,6 +834,23 @@ class Server:
         return actions + self._drain(entry)
 
     # ------------------------------------------------------------------ introspection
+    def orphan_report(self, now: float) -> list[tuple[tuple[str, int], int, int, float]]:
+        """``(log, node, regions held, since)`` for every node whose daemon is gone while its
+        marks are kept; ``since`` is when this daemon first reported it (``now`` the clock
+        of the caller, which calls this periodically)."""
+        report = []
+        seen = set()
+        for key, entry in sorted(self.logs.items()):
+            rl = entry.log
+            for node in sorted(rl.orphans):
+                since = self._orphan_since.setdefault((key, node), now)
+                held = sum(1 for h in rl.holders.values() if node in h)
+                report.append((key, node, held, since))
+                seen.add((key, node))
+        for gone in set(self._orphan_since) - seen:
+            del self._orphan_since[gone]
+        return report
+
     def dump(self) -> list[str]:
         """One line per log (SIGUSR1)."""
         return [

@@ -217,6 +217,11 @@ def render_watch(
             f"  marked {entry['marked']}  recovering {_recovering(entry)}"
             f"  device {_device(entry)}"
             + (f"  group {entry['cluster']['phase']}" if entry.get("cluster") else "")
+            + "".join(
+                f"  ORPHAN node {o['node']}: {o['regions']} held (no daemon since "
+                f"{time.strftime('%H:%M:%S', time.localtime(o['since']))})"
+                for o in entry.get("orphans", [])
+            )
         )
         rate = ""
         key = (entry["uuid"], entry["luid"])

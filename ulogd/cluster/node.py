@@ -30,6 +30,10 @@ from ulogd.server import Action, ClusterSend, Join, Leave, Server
 log = logging.getLogger(__name__)
 
 Executor = Callable[[list[Action]], None]
+
+ORPHAN_CHECK = 30.0  # s between looks at orphaned marks
+ORPHAN_WARN_AFTER = 120.0  # s a node may go without a daemon before it is worth a warning
+ORPHAN_WARN_EVERY = 600.0  # s between repeated warnings for the same node and log
 Registrar = Callable[[int, Callable[[], None] | None], None]
 
 
@@ -60,6 +64,8 @@ class CorosyncLink:
         self.confchgs = 0
         self.quorum: Any = None
         self.want_quorum = require_quorum
+        self._next_orphan_check = 0.0
+        self._orphan_warned: dict[tuple[tuple[str, int], int], float] = {}
         if require_quorum:
             self._open_quorum()
 
@@ -186,6 +192,8 @@ class CorosyncLink:
     def timeout(self) -> float | None:
         """How soon the loop must call :meth:`tick` (None: no need)."""
         waits = [w for h in self.handles.values() if (w := h.retry_after()) is not None]
+        if any(entry.log.orphans for entry in self.server.logs.values()):
+            waits.append(max(0.0, self._next_orphan_check - time.monotonic()))
         if self.lost or (self.want_quorum and self.quorum is None):
             waits.append(max(0.0, self._next_try - time.monotonic()))
         return min(waits) if waits else None
@@ -194,6 +202,7 @@ class CorosyncLink:
         for handle in list(self.handles.values()):
             if handle.pending:
                 handle.flush_outbound()
+        self._watch_orphans()
         reconnect = self.lost or (self.want_quorum and self.quorum is None)
         if reconnect and time.monotonic() >= self._next_try:
             self._next_try = time.monotonic() + 1.0
@@ -202,6 +211,27 @@ class CorosyncLink:
             for key in list(self.lost):
                 self.lost.discard(key)
                 self.execute(self.server.rejoin(key))
+
+    def _watch_orphans(self) -> None:
+        """A node that stays in the ring with its daemon gone holds its regions for as long:
+        worth a warning, repeated at a low rate."""
+        now = time.monotonic()
+        if now < self._next_orphan_check:
+            return
+        self._next_orphan_check = now + ORPHAN_CHECK
+        for key, node, held, since in self.server.orphan_report(time.time()):
+            age = time.time() - since
+            last = self._orphan_warned.get((key, node), 0.0)
+            if age >= ORPHAN_WARN_AFTER and now - last >= ORPHAN_WARN_EVERY:
+                self._orphan_warned[(key, node)] = now
+                log.warning(
+                    "[%s] node %d has had no daemon in this log's group for %d s: its %d "
+                    "region(s) stay held (start ulogd there, or the node must leave the ring)",
+                    key[0][-8:],
+                    node,
+                    age,
+                    held,
+                )
 
     def close(self) -> None:
         for key in list(self.handles):
