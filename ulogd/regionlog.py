@@ -533,6 +533,14 @@ class RegionLog:
         Every region it held and nobody else holds loses sync (recovered later); a recovery
         it was running is handed out again.  Returns the regions that lost sync.
         """
+        lost = self._release_as_lost(node)
+        self.members.discard(node)
+        self.orphans.discard(node)
+        return lost
+
+    def _release_as_lost(self, node: int) -> list[int]:
+        """The marks of a kernel that is gone: its regions lose sync, its recovery is
+        handed out again.  Returns the regions that lost sync."""
         lost: list[int] = []
         for r, h in list(self.holders.items()):
             if node in h:
@@ -545,8 +553,6 @@ class RegionLog:
             self.recovering = -1
             self.recoverer = -1
             self.scalars_changed = True
-        self.members.discard(node)
-        self.orphans.discard(node)
         return lost
 
     def node_process_gone(self, node: int) -> int:
@@ -573,17 +579,7 @@ class RegionLog:
         and their regions lose sync, as at a departure.  Returns the regions that lost sync."""
         lost: list[int] = []
         if mode is Rejoin.FRESH:
-            for r, h in list(self.holders.items()):
-                if node in h:
-                    h.discard(node)
-                    if not h:
-                        del self.holders[r]
-                    self._lose_sync(r)
-                    lost.append(r)
-            if self.recoverer == node:
-                self.recovering = -1
-                self.recoverer = -1
-                self.scalars_changed = True
+            lost = self._release_as_lost(node)
         elif self.check_regions(regions):
             return lost  # a malformed list changes nothing (the sender's bug, not ours)
         else:
