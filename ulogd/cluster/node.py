@@ -65,6 +65,7 @@ class CorosyncLink:
         self.quorum: Any = None
         self.want_quorum = require_quorum
         self._next_orphan_check = 0.0
+        self._orphans_seen = False  # the last look found orphans: look again on time
         self._orphan_warned: dict[tuple[tuple[str, int], int], float] = {}
         if require_quorum:
             self._open_quorum()
@@ -192,7 +193,7 @@ class CorosyncLink:
     def timeout(self) -> float | None:
         """How soon the loop must call :meth:`tick` (None: no need)."""
         waits = [w for h in self.handles.values() if (w := h.retry_after()) is not None]
-        if any(entry.log.orphans for entry in self.server.logs.values()):
+        if self._orphans_seen:  # (not a walk over every log on each wake-up)
             waits.append(max(0.0, self._next_orphan_check - time.monotonic()))
         if self.lost or (self.want_quorum and self.quorum is None):
             waits.append(max(0.0, self._next_try - time.monotonic()))
@@ -219,7 +220,9 @@ class CorosyncLink:
         if now < self._next_orphan_check:
             return
         self._next_orphan_check = now + ORPHAN_CHECK
-        for key, node, held, since in self.server.orphan_report(time.time()):
+        report = self.server.orphan_report(time.time())
+        self._orphans_seen = bool(report)
+        for key, node, held, since in report:
             age = time.time() - since
             last = self._orphan_warned.get((key, node), 0.0)
             if age >= ORPHAN_WARN_AFTER and now - last >= ORPHAN_WARN_EVERY:
