@@ -21,7 +21,17 @@ Invariants, checked in the component where an event was delivered, right after i
   departed member held stays out of sync until recovered; and right after a change reporting
   a departure, every region the departed member held (and no node still present holds) is
   out of sync;
-* a CLEAR is only ever multicast by a member that had quorum.
+* a CLEAR is only ever multicast by a member that had quorum;
+* **live kernels**: a node whose daemon was killed (PROCDOWN: the node stays in the ring) keeps
+  writing the regions its kernel got FLUSH = 0 for; while it does, every replica keeps each of
+  them dirty and held by that node id, and no GET_RESYNC_WORK hands one out for recovery.  Its
+  marks go only when its new daemon rejoins with them, or when the node leaves the ring or
+  comes back with a new kernel (then its regions must be out of sync, as for a crash).
+
+Daemon deaths follow the kernel (dm-log-userspace-transfer.c, -base.c): the kernel of a dead
+daemon keeps writing; it re-sends each unanswered request when its timeout fires (to the new
+daemon, if there is one by then), never a MARK it had an answer to, and it does not reconnect
+(no CTR, no RESUME) because the restored log answers.
 
 At the end the system quiesces (quorum back, everything delivered and written) and every
 kernel request of a node that stayed (or left gracefully) has exactly one answer; every
@@ -101,6 +111,10 @@ class World:
         self.events = 0
         self.trace: list[str] = []
         self.held_raise: dict[tuple[int, int], set[int]] = {}
+        #: node id -> (node, component) whose daemon is dead while its kernel writes on
+        self.dead: dict[int, tuple[SimNode, VirtualGroup]] = {}
+        #: requests sent to a daemon that died: the kernel re-sent them to the next one
+        self.abandoned: set[tuple[int, int]] = set()  # (id(node), seq)
 
     # -- helpers -------------------------------------------------------------------------
     def comp_of(self, node: SimNode) -> VirtualGroup | None:
@@ -154,6 +168,13 @@ class World:
                 got, region = struct.unpack("=qQ", reply.data)
                 if got:
                     k.recovering = region
+                    for dn, _vg in self.dead.values():
+                        kd = self.kern.get(dn.member)
+                        if kd is not None and region in kd.writing:
+                            raise Violation(
+                                f"node {node.nodeid} got region {region} to recover while "
+                                f"node {dn.nodeid}'s kernel (daemon dead) writes it"
+                            )
 
     def kernel_request(self, a: int, b: int, c: int) -> None:
         nodes = self.usable()
@@ -243,6 +264,7 @@ class World:
             {n.nodeid for n in self.live()}
             | {n.nodeid for c in self.comps for n in c.members}
             | {n.nodeid for n in self.lost}
+            | set(self.dead)
         )
         absent = [i for i in NODE_IDS if i not in present]
         if not absent:
@@ -316,6 +338,82 @@ class World:
         self.new_comp().join(node)
         self.trace.append(f"revive {node.nodeid}")
 
+    # -- daemon deaths (the node and its kernel live on) ----------------------------------
+    def kill_daemon(self, a: int, b: int) -> None:
+        """``kill -9`` of one node's daemon: the others see PROCDOWN; its kernel keeps writing
+        and its requests in flight stay unanswered."""
+        nodes = [n for n in self.usable() if n.orphan is None]
+        if not nodes:
+            return
+        node = nodes[a % len(nodes)]
+        vg = self.comp_of(node)
+        assert vg is not None
+        vg.kill_daemon(node, at=b)
+        self.dead[node.nodeid] = (node, vg)
+        self.trace.append(f"kill daemon {node.nodeid}")
+
+    def _component_for(self, vg: VirtualGroup) -> VirtualGroup:
+        if vg in self.comps:
+            return vg
+        return next((c for c in self.comps if c.members), None) or self.new_comp()
+
+    def restart_daemon(self, a: int) -> None:
+        """Its new daemon restores the state file and rejoins; the kernel's timeouts then
+        re-send every request the dead daemon never answered (new seqs, same contents)."""
+        if not self.dead:
+            return
+        nodeid = sorted(self.dead)[a % len(self.dead)]
+        node, vg = self.dead.pop(nodeid)
+        k = self.kern.pop(node.member)
+        vg = self._component_for(vg)
+        vg.rejoin_after_restart(node)
+        self.kern[node.member] = k
+        self.trace.append(f"restart daemon {nodeid}")
+        for seq in sorted(k.outstanding):
+            self.abandoned.add((id(node), seq))
+            rtype, data = k.outstanding.pop(seq)
+            k.seen.add(seq)
+            if rtype == T.FLUSH:
+                self._flush(vg, node, data, k.flushes.pop(seq, set()))
+            else:
+                self.submit(vg, node, rtype, data)
+
+    def _forget_dead(self, nodeid: int) -> SimNode:
+        node, _vg = self.dead.pop(nodeid)
+        self.kern.pop(node.member, None)  # its kernel is gone with the node
+        self.crashed.append(node)
+        return node
+
+    def node_gone(self, a: int) -> None:
+        """A node whose daemon is dead leaves the ring (fenced, or it reboots): every
+        component's corosync reports the ring without it."""
+        if not self.dead:
+            return
+        nodeid = sorted(self.dead)[a % len(self.dead)]
+        self._forget_dead(nodeid)
+        self.trace.append(f"node {nodeid} leaves the ring")
+        ring = {n.nodeid for c in self.comps for n in c.members} | set(self.dead)
+        ring |= {n.nodeid for n in self.lost}
+        for c in self.comps:
+            c.ring_changed(sorted(ring))
+        self.after_step()
+
+    def reboot(self, a: int, b: int) -> None:
+        """A node whose daemon is dead comes back with a new kernel (rebooted before its ring
+        departure was seen): a fresh CTR, nothing restored, the same node id."""
+        if not self.dead:
+            return
+        nodeid = sorted(self.dead)[a % len(self.dead)]
+        _node, vg = self.dead[nodeid]
+        self._forget_dead(nodeid)
+        vg = self._component_for(vg)
+        node = SimNode(nodeid, self.ctr_text)
+        node.chunk_size = 24 + (a % 3) * 40
+        self.nodes[nodeid] = node
+        self.kern[node.member] = Kern()
+        vg.change(joined=[node], at=None if a % 2 else b)
+        self.trace.append(f"reboot {nodeid}")
+
     def partition(self, a: int, b: int) -> None:
         if not self.partitions:
             return
@@ -387,6 +485,17 @@ class World:
                             f"node {n.nodeid}: region {r} clean={rl.clean[r]} holders="
                             f"{rl.holders.get(r)} while node {w.nodeid} writes it"
                         )
+            for dn, _vg in self.dead.values():
+                kd = self.kern.get(dn.member)
+                if kd is None:
+                    continue
+                for r in kd.writing:
+                    if rl.clean[r] or dn.nodeid not in rl.holders.get(r, ()):
+                        raise Violation(
+                            f"node {n.nodeid}: region {r} clean={rl.clean[r]} holders="
+                            f"{rl.holders.get(r)} while node {dn.nodeid}'s kernel writes it "
+                            "(its daemon is dead)"
+                        )
             prev = self.prev.get(n.member)
             if prev is not None and prev.valid:
                 up = [r for r in range(k_) if rl.sync[r] and not prev.sync[r]]
@@ -431,12 +540,15 @@ class World:
 
     @staticmethod
     def _departed(event: Event, prev: Prev) -> set[int]:
-        if isinstance(event, Conf):
-            return {n.nodeid for n in event.left if n.member in prev.valid_members}
+        if isinstance(event, Conf):  # a PROCDOWN is no departure of the node
+            _, left, _, procdown = event.ids
+            return {mm[0] for mm in left if mm in prev.valid_members and mm not in procdown}
         return set()
 
     # -- the end -------------------------------------------------------------------------
     def quiesce(self) -> None:
+        while self.dead:
+            self.restart_daemon(0)
         while self.lost:
             self.revive(0)
         for n in self.live():
@@ -462,7 +574,9 @@ class World:
             assert n.group is not None
             if n not in self.graceful:
                 assert n.group.phase is g.Phase.VALID, f"node {n.nodeid} never got state"
-            missing = sorted(n.asked - set(n.answers))
+            missing = sorted(
+                s for s in n.asked - set(n.answers) if (id(n), s) not in self.abandoned
+            )
             twice = sorted(s for s, c in n.answer_counts.items() if c > 1)
             assert not missing, f"node {n.nodeid}: requests {missing} never answered"
             assert not twice, f"node {n.nodeid}: requests {twice} answered twice"
@@ -496,7 +610,7 @@ Step = tuple[int, int, int]
 
 def run_schedule(
     steps: list[Step], *, ctr_text: str, partitions: bool = False, fail_writes: bool = False,
-    corosync_loss: bool = False,
+    corosync_loss: bool = False, daemon_deaths: bool = False,
 ) -> World:  # fmt: skip
     w = World(
         ctr_text, partitions=partitions, fail_writes=fail_writes, corosync_loss=corosync_loss
@@ -513,13 +627,19 @@ def run_schedule(
         lambda a, b, c: w.merge(a),
         lambda a, b, c: w.lose(a, b),
         lambda a, b, c: w.revive(a),
+        lambda a, b, c: w.kill_daemon(a, b),
+        lambda a, b, c: w.restart_daemon(a),
+        lambda a, b, c: w.node_gone(a),
+        lambda a, b, c: w.reboot(a, b),
     ]
     # weights: requests and deliveries dominate
     table = [0] * 10 + [1] * 10 + [2] * 2 + [3] * 2 + [4] + [5] + [6] + [7]
     if corosync_loss:  # (a separate table: the recorded schedules keep their meaning)
         table += [8, 9, 7]
+    if daemon_deaths:  # kills weigh like crashes; restarts are the common way back
+        table += [10, 10, 11, 11, 11, 12, 13]
     names = ["request", "deliver", "write", "join", "crash", "suspend", "partition", "merge",
-             "lose", "revive"]  # fmt: skip
+             "lose", "revive", "kill-daemon", "restart-daemon", "node-gone", "reboot"]  # fmt: skip
     try:
         for op, a, b, c in ((s[0], s[0], s[1], s[2]) for s in steps):
             which = table[op % len(table)]
@@ -547,6 +667,7 @@ CTRS = {
 def _run_property(
     name: str, examples: int, *, partitions: bool, fail_writes: bool, ctr_key: str,
     derandomize: bool = False, shrink: bool = True, corosync_loss: bool = False,
+    daemon_deaths: bool = False,
 ) -> tuple[int, int, float]:  # fmt: skip
     count = [0, 0]
 
@@ -559,7 +680,7 @@ def _run_property(
     def prop(steps: list[Step]) -> None:
         w = run_schedule(
             steps, ctr_text=CTRS[ctr_key], partitions=partitions, fail_writes=fail_writes,
-            corosync_loss=corosync_loss,
+            corosync_loss=corosync_loss, daemon_deaths=daemon_deaths,
         )  # fmt: skip
         count[0] += 1
         count[1] += w.events
@@ -635,6 +756,35 @@ def test_random_schedules_with_corosync_loss_slow(
         ctr_key=ctr_key, corosync_loss=True,
     )  # fmt: skip
     _report(capsys, f"model --slow corosync loss + partitions {ctr_key}", res)
+    assert res[0] >= 10_000
+
+
+@pytest.mark.parametrize("ctr_key", list(CTRS))
+def test_random_schedules_with_daemon_deaths(
+    ctr_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Daemons killed while their kernels write on, restarted from their state files, nodes
+    leaving the ring or rebooting while their daemon is dead; with partitions and lost
+    corosyncs mixed in (see the module docstring's live-kernel invariant)."""
+    res = _run_property(
+        f"daemon-deaths {ctr_key}", 300, partitions=True, fail_writes=ctr_key.startswith("disk"),
+        ctr_key=ctr_key, derandomize=True, corosync_loss=True, daemon_deaths=True,
+    )  # fmt: skip
+    _report(capsys, f"model daemon deaths {ctr_key}", res)
+    assert res[0] >= 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ctr_key", list(CTRS))
+def test_random_schedules_with_daemon_deaths_slow(
+    ctr_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = _run_property(
+        f"daemon-deaths {ctr_key}", 10_000, partitions=True,
+        fail_writes=ctr_key.startswith("disk"), ctr_key=ctr_key, corosync_loss=True,
+        daemon_deaths=True,
+    )  # fmt: skip
+    _report(capsys, f"model --slow daemon deaths {ctr_key}", res)
     assert res[0] >= 10_000
 
 

@@ -182,3 +182,23 @@ def test_rejoin_without_quorum_releases_nothing() -> None:
 def test_rejoin_modes_travel_as_op_sequence_numbers() -> None:
     assert {int(x) for x in Rejoin} == {0, 1, 2}
     assert g.Rejoin is Rejoin
+
+
+def test_a_request_to_a_restarted_daemon_before_its_rejoin_waits_and_is_answered() -> None:
+    # The kernel's timeout re-sends a FLUSH the dead daemon never answered; the new daemon
+    # gets it while it still waits for the group's state (nobody would apply its message).
+    vg, (a, b, _c) = three()
+    write(vg, b, 5)
+    vg.request(b, T.MARK_REGION, regions(6))
+    vg.kill_daemon(b, at=len(vg.queue))
+    vg.run()
+    b.restart_daemon()
+    vg.change(joined=[b])
+    seq = vg.request(b, T.FLUSH)
+    assert b.group is not None and b.group.phase is g.Phase.JOINING
+    assert seq not in b.answers
+    vg.run()
+    assert b.answers[seq].error == 0 and b.ready
+    for n in (a, b):
+        assert held_by(n, 2) == {5, 6}
+    assert not replica_differences([a, b, _c])

@@ -289,6 +289,12 @@ class Group:
         return self._send([]) if self.outbox else []
 
     def _send(self, tail: list[m.OpRecord]) -> list[Action]:
+        if self.phase is Phase.JOINING:
+            # Nobody applies a message of a member without state: what a (restarted) daemon's
+            # kernel asks before the group's state is in waits, and goes out after it (after
+            # this member's REJOIN, when it has one).
+            self.outbox += tail
+            return []
         ops = self.outbox + tail
         if not self.quorate:
             # A member without quorum never makes a region clean: hold CLEARs back.  A later
@@ -581,6 +587,8 @@ class Group:
         for idx, event in queued:
             actions += self._replay(idx, event)
         self.index = current
+        if self.outbox:
+            actions += self._send([])  # what waited while this member joined
         return actions
 
     def _apply_confchg(
@@ -911,7 +919,8 @@ class Group:
             actions = [a for a in actions if not isinstance(a, Ready)]
             self._ready_after_rejoin = True
             self.outbox = again + self.outbox
-            actions += self._send([])
+        if self.outbox:
+            actions += self._send([])  # with what waited while this member joined
         return actions + self._report_gone()
 
     # ------------------------------------------------------------------ leaving

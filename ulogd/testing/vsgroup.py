@@ -126,6 +126,12 @@ class Msg:
     sender: SimNode
     data: bytes
     quorate: bool = True  # the sender's quorum state when it multicast the message
+    #: the sender's member id when it multicast (a node's later daemon has another pid)
+    sender_id: MemberId = field(default=(0, 0), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.sender_id == (0, 0):
+            object.__setattr__(self, "sender_id", self.sender.member)
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,17 @@ class Conf:
     left: tuple[SimNode, ...]
     joined: tuple[SimNode, ...]
     procdown: tuple[SimNode, ...] = ()  # left: the process died, the node stays in the ring
+    #: the member ids of members, left, joined, procdown as they were when the change was
+    #: ordered (a SimNode's pid changes when its daemon restarts)
+    ids: tuple[tuple[MemberId, ...], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            ids = tuple(
+                tuple(n.member for n in ns)
+                for ns in (self.members, self.left, self.joined, self.procdown)
+            )
+            object.__setattr__(self, "ids", ids)
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,12 @@ class Merge:
     """A NODEUP merge: ``sides`` are the member lists of the components merged."""
 
     sides: tuple[tuple[SimNode, ...], ...]
+    ids: tuple[tuple[MemberId, ...], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            ids = tuple(tuple(n.member for n in side) for side in self.sides)
+            object.__setattr__(self, "ids", ids)
 
 
 Event = Msg | Conf | Merge
@@ -154,6 +177,8 @@ class VirtualGroup:
         rng: random.Random | None = None,
     ) -> None:  # fmt: skip
         self.view: list[SimNode] = []  # members at the delivery point
+        #: their member ids there (a node whose daemon restarted hears nothing before its join)
+        self.view_ids: set[MemberId] = set()
         self.members: list[SimNode] = []  # members once every queued change is delivered
         self.queue: list[Event] = []  # ordered, not yet delivered
         self.rng = rng if rng is not None else random.Random(seed)
@@ -282,8 +307,10 @@ class VirtualGroup:
         new.queue = [e for e in rest if isinstance(e, Msg) and id(e.sender) in ids]
         self.queue = [e for e in rest if isinstance(e, Msg) and id(e.sender) not in ids]
         new.view = [n for n in self.view if id(n) in ids]
+        new.view_ids = {n.member for n in new.view} & self.view_ids
         new.members = list(new.view)
         self.view = [n for n in self.view if id(n) not in ids]
+        self.view_ids -= new.view_ids
         self.members = mine
         new.pending_writes = [(n, i) for n, i in self.pending_writes if id(n) in ids]
         self.pending_writes = [(n, i) for n, i in self.pending_writes if id(n) not in ids]
@@ -301,7 +328,7 @@ class VirtualGroup:
         sides = (tuple(self.members), tuple(other.members))
         self.members = self.members + other.members
         self.queue.append(Merge(sides))
-        other.members, other.view = [], []
+        other.members, other.view, other.view_ids = [], [], set()
 
     # -- delivery --------------------------------------------------------------------
     def is_deaf(self, node: SimNode) -> bool:
@@ -310,33 +337,32 @@ class VirtualGroup:
     @property
     def listening(self) -> list[SimNode]:
         """The members at the delivery point that still receive this component's events."""
-        return [n for n in self.view if not self.is_deaf(n)]
+        return [n for n in self.view if not self.is_deaf(n) and n.member in self.view_ids]
 
     def _deliver_one(self) -> None:
         event = self.queue.pop(0)
         self.delivered += 1
         if isinstance(event, Msg):
-            for n in list(self.view):
-                if n.group is not None and not self.is_deaf(n):
-                    self._act(n, n.group.deliver(event.sender.member, event.data))
+            for n in self.listening:
+                if n.group is not None:
+                    self._act(n, n.group.deliver(event.sender_id, event.data))
         elif isinstance(event, Conf):
+            ms, left, joined, procdown = (list(x) for x in event.ids)
             self.view = list(event.members)
+            self.view_ids = set(ms)
             self.deaf = [d for d in self.deaf if not any(d is n for n in event.left)]
-            ms = [n.member for n in event.members]
-            left = [n.member for n in event.left]
-            joined = [n.member for n in event.joined]
-            procdown = [n.member for n in event.procdown]
-            for n in list(self.view):
-                if n.group is not None and not self.is_deaf(n):
+            for n in self.listening:
+                if n.group is not None:
                     self._act(n, n.group.confchg(ms, left, joined, procdown=procdown))
         else:
             everyone = [n for side in event.sides for n in side]
             self.view = everyone
-            ms = [n.member for n in everyone]
-            for side in event.sides:
-                others = [n.member for n in everyone if n not in side]
+            ms = [mm for side in event.ids for mm in side]
+            self.view_ids = set(ms)
+            for side, side_ids in zip(event.sides, event.ids, strict=True):
+                others = [mm for mm in ms if mm not in side_ids]
                 for n in side:
-                    if n.group is not None and not self.is_deaf(n):
+                    if n.group is not None and not self.is_deaf(n) and n.member in side_ids:
                         self._act(n, n.group.confchg(ms, [], others, nodeup=others))
         if self.on_event is not None:
             self.on_event(self, event)
@@ -353,7 +379,12 @@ class VirtualGroup:
         if not self.pending_writes:
             return False
         node, index = self.pending_writes.pop(i % len(self.pending_writes))
-        if node in self.view and node.group is not None and node.group.phase is g.Phase.VALID:
+        if (
+            node in self.view
+            and node.member in self.view_ids
+            and node.group is not None
+            and node.group.phase is g.Phase.VALID
+        ):
             self._act(node, node.group.disk_written(index, ok))
         return True
 
