@@ -255,6 +255,122 @@ def test_ulogd_killed_keeps_its_marks_and_its_restart_rejoins_with_them(
     assert all(d.sync_count() == REGIONS for d in drivers.values())
 
 
+def test_ulogd_killed_under_write_load_from_all_nodes_loses_no_mark(
+    ulogd_three: UlogdCluster,
+) -> None:
+    """All three nodes write overlapping regions; node 3's daemon is killed mid-stream and
+    started again 3 s later while every kernel writes on.
+
+    Each node's kernel is a :class:`~ulogd.testing.cluster.MirrorKernel`: node 3's request in
+    flight at the kill is sent again only when the kernel's 15 s timeout fires, a send that
+    finds no daemon runs the kernel's reconnect loop (CTR every 2 s, then RESUME) — nothing is
+    re-sent that was answered, no MARK either.  A region a kernel got FLUSH = 0 for, and has not
+    sent the CLEAR of, is being written: it must be dirty on every node, and on a nosync log it
+    must stay in sync (nobody recovers it), while node 3's daemon is gone and after.
+    """
+    u = ulogd_three
+    u.start()
+    kernels = {n: u[n].kernel(UUID, NOSYNC) for n in (1, 2, 3)}
+    for k in kernels.values():
+        k.create(NOSYNC)
+    hot = list(range(16))
+    writing: dict[int, set[int]] = {n: set() for n in kernels}
+    lock = threading.Lock()
+    errors: list[str] = []
+    stop = threading.Event()
+    counts = dict.fromkeys(kernels, 0)
+
+    def writer(n: int, seed: int) -> None:
+        rng = random.Random(seed)
+        k = kernels[n]
+        try:
+            while not stop.is_set():
+                mine = writing[n]
+                keep = 4 if n == 3 else 0  # node 3 keeps writes in flight: the kill finds some
+                if rng.random() < 0.55 or len(mine) <= keep:
+                    free = [r for r in hot if r not in mine]
+                    new = rng.sample(free, min(len(free), rng.randint(1, 2)))
+                    if rng.random() < 0.3:
+                        ok(k.flush(new))  # protocol 3: the marks ride in the FLUSH
+                    else:
+                        ok(k.mark(new))
+                        ok(k.flush())
+                    with lock:
+                        mine.update(new)
+                    for r in new:
+                        if k.is_clean(r):
+                            errors.append(f"node {n}: region {r} clean right after its FLUSH")
+                else:
+                    done = rng.sample(sorted(mine), rng.randint(1, len(mine) - keep))
+                    with lock:
+                        mine.difference_update(done)  # those writes completed
+                    ok(k.clear(done))
+                    ok(k.flush())
+                counts[n] += 1
+        except Exception as exc:
+            errors.append(f"node {n}: {exc!r}")
+
+    threads = [threading.Thread(target=writer, args=(n, 77 + n)) for n in kernels]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    before_kill = dict(counts)
+    u.kill(3)
+    survivors = {n: u[n].driver(UUID) for n in (1, 2)}
+    wait_until(lambda: all(st["members"] == [1, 2] for st in statuses(u, survivors).values()),
+               5.0, "the survivors to see node 3's daemon go")  # fmt: skip
+    with lock:
+        held = set(writing[3])  # node 3's kernel writes these on, daemon or not
+    assert len(held) >= 4, held
+    checks = 0
+    gone_until = time.monotonic() + 3.0
+    while time.monotonic() < gone_until:
+        for n, d in survivors.items():
+            for r in held:
+                clean, in_sync = d.is_clean(r), d.in_sync(r)
+                assert (clean, in_sync) == (0, 1), (
+                    f"node {n}: region {r} (clean, in_sync) = {(clean, in_sync)} while node 3's "
+                    "kernel writes it"
+                )
+            assert d.resync_work() == (0, 0)
+            checks += 1
+        time.sleep(0.1)
+    during = {n: counts[n] - before_kill[n] for n in (1, 2)}
+    for n, st in statuses(u, survivors).items():
+        assert st["orphans"] and st["orphans"][0]["node"] == 3, f"node {n}: {st}"
+        assert st["in_sync"] == REGIONS, f"node {n}: {st}"
+    u[3].start()
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a writer hung"
+    assert not errors, errors
+    print(
+        f"\nnode 3's kernel held {len(held)} region(s) at the kill; {checks} survivor checks; "
+        f"survivor requests meanwhile {during}; node 3: {kernels[3].timeouts} timeout(s), "
+        f"{kernels[3].reconnects} reconnect(s); requests per node {counts}"
+    )
+    assert min(during.values()) > 5, during  # the survivors wrote on
+    assert counts[3] > before_kill[3], "node 3's kernel never got through again"
+
+    every = {n: u[n].driver(UUID) for n in kernels}
+    union = set().union(*writing.values())
+
+    def converged() -> bool:
+        view = agree(every, hot)
+        want = {r: (int(r not in union), 1) for r in hot}
+        return view == want
+
+    wait_until(converged, 10.0, "every node to show exactly the written regions dirty")
+    for n, st in statuses(u, kernels).items():
+        assert st["members"] == [1, 2, 3] and st["orphans"] == [], f"node {n}: {st}"
+        assert st["marked"] == len(union) and st["in_sync"] == REGIONS, f"node {n}: {st}"
+    for n, k in kernels.items():
+        clear_flush(k, sorted(writing[n]))
+    wait_until(lambda: agree(every, hot) == dict.fromkeys(hot, (1, 1)), 10.0, "all clean")
+
+
 # ------------------------------------------------------------------------------------ 4
 
 

@@ -17,6 +17,14 @@ it sends with ``sendto`` (so it survives a daemon restart that re-binds the sock
 most ``timeout`` seconds for an answer, and discards replies whose sequence number is not the
 one it waits for (a late answer to a request that timed out never poses as the next one).
 
+:class:`MirrorKernel` is one node's kernel for one log across its daemon's death, as
+``dm-log-userspace`` behaves (``dm-log-userspace-transfer.c``, ``-base.c``): a request without an
+answer in ``timeout`` (the kernel's 15 s) is sent again with a new seq; a send that finds no
+server (netlink says ``-ESRCH``; here the socket refuses) or an ``-ESRCH`` answer starts the
+reconnect loop — every 2 s a CTR with the stored text and its NUL until one returns 0, then a
+RESUME — and then the request again; an answered request is never sent again (so neither is an
+acknowledged MARK).  CTR, DTR, (PRE|POST)SUSPEND and RESUME themselves never reconnect.
+
 Life cycle: :meth:`UlogdCluster.start` (all or one node), :meth:`kill` (SIGKILL, like a crash),
 :meth:`stop` (SIGTERM), :meth:`restart`.  :meth:`close` — also run by the context manager and at
 interpreter exit — kills every daemon still running; the corosync cluster is torn down by its
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -42,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ulogd import control, wire
+from ulogd.protocol import RequestType as RT
 from ulogd.testing.corosync import Cluster
 from ulogd.testing.driver import LogDriver
 
@@ -106,6 +116,64 @@ class KernelLink:
     def close(self) -> None:
         self._sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+#: what the kernel sees when it sends to a daemon that is not there (netlink: -ESRCH)
+_NO_SERVER = (ConnectionRefusedError, FileNotFoundError)
+#: the calls that go straight to dm_consult_userspace(): they never reconnect
+_DIRECT = frozenset({RT.CTR, RT.DTR, RT.PRESUSPEND, RT.POSTSUSPEND, RT.RESUME})
+
+
+class MirrorKernel(LogDriver):
+    """One node's ``dm-log-userspace`` for one log (see the module docstring)."""
+
+    def __init__(
+        self, daemon: Daemon, uuid: str, ctr_text: str, *, luid: int | None = None,
+        timeout: float = 15.0, reconnect_sleep: float = 2.0,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            KernelLink(daemon.sock, timeout), uuid=uuid, luid=daemon.n if luid is None else luid
+        )
+        self.ctr_text = ctr_text
+        self.timeout = timeout
+        self.reconnect_sleep = reconnect_sleep
+        self.timeouts = 0  # requests sent again after the kernel's timeout
+        self.reconnects = 0  # reconnect loops run (CTR + RESUME after -ESRCH)
+
+    def call(self, rtype: int, data: bytes = b"") -> wire.Reply:
+        assert isinstance(self.link, KernelLink)
+        while True:
+            try:
+                reply = wire.decode_reply(self.link.request(self.datagram(rtype, data)))
+            except ClusterTestError:
+                self.timeouts += 1  # "Request timed out ... retrying"
+                continue
+            except _NO_SERVER:
+                if rtype in _DIRECT:
+                    return wire.Reply(0, -errno.ESRCH, b"")
+                self._reconnect()
+                continue
+            if reply.error == -errno.ESRCH and rtype not in _DIRECT:
+                self._reconnect()
+                continue
+            return reply
+
+    def _reconnect(self) -> None:
+        """After "log server not found": CTR every 2 s until one returns 0, then RESUME."""
+        self.reconnects += 1
+        text = self.ctr_text.encode() + b"\0"
+        while True:
+            time.sleep(self.reconnect_sleep)
+            try:
+                reply = wire.decode_reply(self.link.request(self.datagram(RT.CTR, text)))
+            except (ClusterTestError, *_NO_SERVER):
+                continue
+            if reply.error == 0:
+                break
+        try:
+            wire.decode_reply(self.link.request(self.datagram(RT.RESUME)))
+        except (ClusterTestError, *_NO_SERVER):
+            pass  # the original request fails or succeeds on its own next time
 
 
 class Daemon:
@@ -194,6 +262,13 @@ class Daemon:
     def driver(self, uuid: str, luid: int | None = None, timeout: float = 10.0) -> LogDriver:
         """A kernel stand-in for log *uuid* on this node (luid defaults to the node number)."""
         return LogDriver(self.link(timeout), uuid=uuid, luid=self.n if luid is None else luid)
+
+    def kernel(self, uuid: str, ctr_text: str, **kw: Any) -> MirrorKernel:
+        """This node's kernel for log *uuid* (see :class:`MirrorKernel`)."""
+        k = MirrorKernel(self, uuid, ctr_text, **kw)
+        assert isinstance(k.link, KernelLink)
+        self.links.append(k.link)
+        return k
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The daemon's ``ulogd status --json`` snapshot (over its control socket)."""
