@@ -25,13 +25,12 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks
 from ulogd.testing import qemu
 
 pytestmark = pytest.mark.e2e
 
-LEG_SIZE = 64 << 20  # as in guest/pair.py
 HALF = LEG_SIZE // 2
-BLOCK = 4096
 REGION_BYTES = 512 << 10
 #: The victim's writes to the second leg: few enough that queue depth 16 always waits there.
 VICTIM_LEG_B_IOPS = 4
@@ -69,35 +68,6 @@ class PairRun:
 
 def _tail(text: str, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
-
-
-def differing_blocks(a: Path, b: Path, start: int, end: int) -> list[int]:
-    """Offsets of the 4 KiB blocks in [start, end) whose contents differ between two images."""
-    out = []
-    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
-        fa.seek(start)
-        fb.seek(start)
-        pos = start
-        while pos < end:
-            ca, cb = fa.read(1 << 20), fb.read(1 << 20)
-            if ca != cb:
-                for k in range(0, min(len(ca), len(cb)), BLOCK):
-                    if ca[k : k + BLOCK] != cb[k : k + BLOCK]:
-                        out.append(pos + k)
-            pos += 1 << 20
-    return out
-
-
-#: Images the guests share: serial -> (size, throttled on the victim).  The legs of mirror
-#: ``pair`` (A, B) and of mirror ``pairdisk`` (C, D), and ``pairdisk``'s log device (L).
-IMAGES = {
-    "sharedA": (LEG_SIZE, False),
-    "sharedB": (LEG_SIZE, True),
-    "sharedC": (LEG_SIZE, False),
-    "sharedD": (LEG_SIZE, True),
-    "sharedL": (4 << 20, False),
-}
-LEGS = {"pair": ("sharedA", "sharedB"), "pairdisk": ("sharedC", "sharedD")}
 
 
 def _boot_pair() -> PairRun:

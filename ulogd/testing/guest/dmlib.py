@@ -431,7 +431,9 @@ class Writer(threading.Thread):
     """O_DIRECT 4 KiB writes of known data at random block offsets of a device.
 
     Writes ``count`` blocks, or until :meth:`halt` when ``count`` is None.  ``expected`` maps
-    byte offset -> the data last written there; ``errors`` collects I/O errors.
+    byte offset -> the data last written there; ``errors`` collects I/O errors.  With
+    ``stride`` > 1 only blocks ``k * stride + phase`` are written (nodes sharing a mirror write
+    disjoint blocks of the same regions); ``in_flight`` is true while a write is issued.
     """
 
     def __init__(
@@ -444,10 +446,14 @@ class Writer(threading.Thread):
         expected: dict[int, bytes],
         seed: int = 1,
         delay: float = 0.0,
+        stride: int = 1,
+        phase: int = 0,
     ) -> None:
         super().__init__(name=f"writer-{tag}", daemon=True)
         self.dev = dev
         self.blocks = size // BLOCK
+        self.stride, self.phase = stride, phase
+        self.in_flight = False
         self.tag = tag
         self.count = count
         self.expected = expected
@@ -473,17 +479,21 @@ class Writer(threading.Thread):
             gen = 0
             while not self._halt.is_set() and (self.count is None or self.done < self.count):
                 gen += 1
-                off = self.rng.randrange(self.blocks) * BLOCK
+                k = self.rng.randrange(self.blocks // self.stride)
+                off = (k * self.stride + self.phase) * BLOCK
                 data = block_data(self.tag, off, gen)
                 buf.seek(0)
                 buf.write(data)
                 t0 = now()
+                self.in_flight = True
                 try:
                     n = os.pwrite(fd, buf, off)
                 except OSError as exc:
                     self.errors.append(f"write at {off}: {exc}")
                     self.expected.pop(off, None)  # content unknown now
                     continue
+                finally:
+                    self.in_flight = False
                 if n != BLOCK:
                     self.errors.append(f"short write at {off}: {n}")
                 self.expected[off] = data
