@@ -211,6 +211,8 @@ def restarter(sc: Scenario, daemon: Daemon, mirrors: list[Shared], writers: list
     sc.info["marked_before_kill"] = {m.name: (log_view(m.uuid) or {}).get("marked")
                                      for m in mirrors}  # fmt: skip
     sc.check("at least 32 writes in flight at the kill", busy, sc.info["in_flight_at_kill"])
+    servers = {m.name: (log_view(m.uuid) or {}).get("server") for m in mirrors if m.log_dev}
+    sc.equal("this node serves the disk log when its daemon is killed", servers, {"pairdisk": 1})
     daemon.kill9()
     event("daemon killed")
     time.sleep(GONE_SECONDS)
