@@ -26,12 +26,15 @@ Scalar state is saved to the log's state file before the reply that depends on i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import struct
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from ulogd import ctr, disklog, wire
@@ -177,6 +180,17 @@ def tag(uuid: str) -> str:
     return f"[{uuid[-8:] or '?'}]"
 
 
+def describe_oserror(exc: OSError) -> str:
+    """``EROFS (Read-only file system)``: the cause of a resource fault, in one phrase."""
+    code = exc.errno or errno.EIO
+    return f"{errno.errorcode.get(code, f'errno {code}')} ({exc.strerror or os.strerror(code)})"
+
+
+def _error_of(exc: OSError) -> int:
+    """The reply error for an OSError: its negated errno (``-EIO`` if it has none)."""
+    return -(exc.errno or errno.EIO)
+
+
 class Server:
     """The table of logs and the request dispatcher (see the module docstring)."""
 
@@ -203,6 +217,9 @@ class Server:
         self._counts: dict[tuple[int, int], int] = {}  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
         self._orphan_since: dict[tuple[tuple[str, int], int], float] = {}
+        #: state files of destroyed logs whose removal failed: path → inode (see
+        #: :meth:`retry_removals`); each also carries the DESTROYED tombstone
+        self.unremoved: dict[Path, int] = {}
         self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
             T.PRESUSPEND: self._presuspend,
@@ -234,7 +251,10 @@ class Server:
 
     def handle(self, request: wire.Request) -> list[Action]:
         if request.request_type == _CTR:
-            return self._ctr(request)
+            try:
+                return self._ctr(request)
+            except OSError as exc:
+                return self._failed(request, exc)
         entry = self.logs.get((request.uuid, request.luid))
         if entry is None:
             log.info(
@@ -289,15 +309,58 @@ class Server:
 
     def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
         group = entry.group
-        if group is not None and request.request_type in GROUP_TYPES and not group.direct:
-            actions = self._group_actions(entry, group.submit(request))
-        else:
-            actions = self._handlers[request.request_type](entry, request)
+        try:
+            if group is not None and request.request_type in GROUP_TYPES and not group.direct:
+                actions = self._group_actions(entry, group.submit(request))
+            else:
+                actions = self._handlers[request.request_type](entry, request)
+        except OSError as exc:
+            actions = self._failed(request, exc)
         rl = entry.log
         if rl.scalars_changed:
             entry.state.save_scalars(rl.scalars())
             rl.scalars_changed = False
         return actions
+
+    def _failed(self, request: wire.Request, exc: OSError) -> list[Action]:
+        """A resource fault (EMFILE, EROFS, ENOSPC, ...) while handling ``request``: one
+        line naming the log and the cause, and the error reply the kernel is waiting for."""
+        log.error(
+            "%s %s luid=%#x failed: %s",
+            tag(request.uuid),
+            p.type_name(request.request_type),
+            request.luid,
+            describe_oserror(exc),
+        )
+        return [self._reply(request, _error_of(exc))]
+
+    def _remove_state(self, state: LogState | MemoryState) -> OSError | None:
+        """Remove a destroyed log's state file; on failure, the file keeps the DESTROYED
+        tombstone (written first, through the mapping) and its removal is retried."""
+        state.mark_destroyed()
+        try:
+            state.remove()
+        except OSError as exc:
+            if isinstance(state, LogState):
+                with contextlib.suppress(OSError):  # nothing there: nothing to retry
+                    self.unremoved[state.path] = os.stat(state.path).st_ino
+            return exc
+        return None
+
+    def retry_removals(self) -> None:
+        """Try again to remove the files of destroyed logs (the daemon calls this from a
+        timer; CTR too).  A file replaced since (a new log of the same identity: another
+        inode) is left alone."""
+        for path, inode in list(self.unremoved.items()):
+            try:
+                if os.stat(path).st_ino == inode:
+                    path.unlink()
+                    log.info("state file %s of a destroyed log removed at last", path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # still failing: already reported when the log was destroyed
+            del self.unremoved[path]
 
     def _io(self, entry: Entry, action: DiskRead | DiskWrite, then: Continuation) -> list[Action]:
         entry.busy = True
@@ -311,6 +374,8 @@ class Server:
 
     # ------------------------------------------------------------------ life cycle
     def _ctr(self, request: wire.Request) -> list[Action]:
+        if self.unremoved:
+            self.retry_removals()
         reconnect = request.data.endswith(b"\0")
         try:
             config = ctr.parse(request.data)
@@ -342,6 +407,15 @@ class Server:
         except DeviceError as exc:
             log.error("%s CTR %r: log device: %s", tag(request.uuid), config.text, exc)
             return [self._reply(request, -exc.errno)]
+        except OSError as exc:
+            log.error(
+                "%s CTR luid=%#x %s refused: cannot create its state file: %s",
+                tag(request.uuid),
+                request.luid,
+                config.text,
+                describe_oserror(exc),
+            )
+            return [self._reply(request, _error_of(exc))]
         if reconnect:
             # The kernel reconnected but nothing of this log was kept: it may be writing
             # regions the group holds for this node; they stay its marks.
@@ -350,7 +424,7 @@ class Server:
             log.error("%s CTR %r: log device name too long", tag(request.uuid), config.text)
             if entry.device is not None:
                 entry.device.close()
-            entry.state.remove()
+            self._remove_state(entry.state)
             return [self._reply(request, -errno.ENAMETOOLONG)]
         predecessor = self._predecessor(request.uuid, request.luid, config)
         if predecessor is not None:
@@ -447,6 +521,9 @@ class Server:
         actions: list[Action] = []
         for state in states:
             ident = state.identity
+            if state.destroyed:
+                self._restore_destroyed(state)
+                continue
             try:
                 config = ctr.parse(ident.ctr_text.encode())
                 if (config.region_count, config.region_size) != (
@@ -502,6 +579,27 @@ class Server:
                 actions.append(Join(key, ident.uuid.encode() + b"\0"))
         return actions
 
+    def _restore_destroyed(self, state: LogState) -> None:
+        """A tombstoned file (its log's DTR could not remove it): never restored."""
+        ident = state.identity
+        failure = self._remove_state(state)
+        if failure is None:
+            log.info(
+                "%s state file %s of luid=%#x, destroyed before the restart: removed, not restored",
+                tag(ident.uuid),
+                state.path.name,
+                ident.luid,
+            )
+        else:
+            log.error(
+                "%s state file %s of luid=%#x belongs to a destroyed log: not restored; "
+                "removing it failed (%s), retried later",
+                tag(ident.uuid),
+                state.path.name,
+                ident.luid,
+                describe_oserror(failure),
+            )
+
     def _dtr(self, entry: Entry, request: wire.Request) -> list[Action]:
         actions: list[Action] = []
         if entry.group is not None:
@@ -512,7 +610,18 @@ class Server:
         del self.logs[request.key]
         if entry.device is not None:
             entry.device.close()
-        entry.state.remove()
+        failure = self._remove_state(entry.state)
+        if failure is not None:
+            # The kernel has forgotten the log whatever the reply says; the file's tombstone
+            # keeps it from coming back at the next start.
+            log.error(
+                "%s DTR luid=%#x: its state file could not be removed (%s); it is marked "
+                "destroyed, never restored, and its removal is retried",
+                tag(request.uuid),
+                request.luid,
+                describe_oserror(failure),
+            )
+            return [*actions, self._reply(request, _error_of(failure))]
         log.info("%s DTR luid=%#x", tag(request.uuid), request.luid)
         return [*actions, self._reply(request)]
 
