@@ -35,7 +35,8 @@ descriptors free up.
 
 The last error seen for each log is derived from the daemon's own log records
 (:class:`LastErrors`): every server message about a log starts with its uuid tail
-(``[abcd1234]``), which is also what operators grep for.
+(``[abcd1234]``), which is what operators grep for, and carries the log's whole identity
+(uuid and luid), which is what the table is keyed by.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import errno
 import json
 import logging
 import os
-import re
 import socket
 import struct
 import time
@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ulogd import __version__
-from ulogd.server import tag
 
 if TYPE_CHECKING:
     from ulogd.daemon import Daemon
@@ -258,14 +257,19 @@ def _reply(obj: dict[str, Any]) -> bytes:
 
 
 class LastErrors(logging.Handler):
-    """Remembers the newest warning or error for each log (by uuid tail) and for the daemon."""
+    """Remembers the newest warning or error for each log and for the daemon.
 
-    _TAG = re.compile(r"^\[([^\]\s]{1,8})\] ")
+    A record is about a log when it carries that log's whole identity (``extra=about(key)``,
+    see :func:`ulogd.server.about`): the ``[tail]`` a line starts with is for operators and
+    may be shared by two logs.  Any other error is the daemon's."""
+
     LIMIT = 4096
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.by_tail: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.by_log: collections.OrderedDict[tuple[str, int], dict[str, Any]] = (
+            collections.OrderedDict()
+        )
         self.daemon: dict[str, Any] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -274,19 +278,18 @@ class LastErrors(logging.Handler):
         except Exception:
             return
         entry = {"time": record.created, "level": record.levelname.lower(), "message": message}
-        match = self._TAG.match(message)
-        if match is None:
+        key = getattr(record, "ulogd_log", None)
+        if not isinstance(key, tuple):
             if record.levelno >= logging.ERROR:
                 self.daemon = entry
             return
-        tail = match.group(1)
-        self.by_tail.pop(tail, None)
-        self.by_tail[tail] = entry
-        while len(self.by_tail) > self.LIMIT:
-            self.by_tail.popitem(last=False)
+        self.by_log.pop(key, None)
+        self.by_log[key] = entry
+        while len(self.by_log) > self.LIMIT:
+            self.by_log.popitem(last=False)
 
-    def for_uuid(self, uuid: str) -> dict[str, Any] | None:
-        return self.by_tail.get(tag(uuid)[1:-1])
+    def for_log(self, uuid: str, luid: int) -> dict[str, Any] | None:
+        return self.by_log.get((uuid, luid))
 
 
 def snapshot(
@@ -329,7 +332,7 @@ def snapshot(
                 "server": server.local_node,
                 "members": sorted(rl.members),
                 "cluster": None,
-                "last_error": errors.for_uuid(uuid) if errors else None,
+                "last_error": errors.for_log(uuid, luid) if errors else None,
             }
         )
         group = getattr(entry, "group", None)

@@ -15,7 +15,8 @@ A single thread runs a ``selectors`` loop over three kinds of descriptor:
 
 Timers (:meth:`Daemon.call_later`, :meth:`Daemon.call_every`) run on the loop thread too: the
 select timeout is the nearest one.  The server's housekeeping runs every
-:data:`HOUSEKEEPING_INTERVAL` seconds (retrying the removal of destroyed logs' files).
+:data:`HOUSEKEEPING_INTERVAL` seconds (retrying the removal of destroyed logs' files, and
+logging the rate limits' "suppressed N similar lines" summaries once their window is over).
 
 Capture (``--capture``) records each datagram as it crosses the transport, in both
 directions, through a buffered writer that never blocks the reply path.
@@ -53,6 +54,7 @@ from ulogd.server import (
     LogDevice,
     Send,
     Server,
+    about,
 )
 from ulogd.transport import Transport
 
@@ -216,6 +218,7 @@ class Daemon:
         """Periodic work of the server that needs no request to trigger it."""
         if self.server.unremoved:
             self.server.retry_removals()
+        self.server.log_summaries()
 
     def execute(self, actions: list[Action]) -> None:
         """Perform actions produced outside a request (cluster events, timers)."""
@@ -378,11 +381,15 @@ class Daemon:
 
         names = dmcontrol.mirrors_using(key[0])
         if not names:
-            log.error("[%s] no local mirror uses this log: nothing to cycle", key[0][-8:])
+            log.error(
+                "[%s] no local mirror uses this log: nothing to cycle",
+                key[0][-8:],
+                extra=about(key),
+            )
             self.server.cycle_done(key, False)
             return
         log.warning("[%s] suspend/resume of %s to recover a departed member's regions",
-                    key[0][-8:], ", ".join(names))  # fmt: skip
+                    key[0][-8:], ", ".join(names), extra=about(key))  # fmt: skip
         child = dmcontrol.start_cycle(names)
         pidfd = os.pidfd_open(child.pid)
 
@@ -391,7 +398,12 @@ class Daemon:
             os.close(pidfd)
             rc = child.wait()
             if rc != 0 and child.stderr is not None:
-                log.error("[%s] cycle failed: %s", key[0][-8:], child.stderr.read().decode())
+                log.error(
+                    "[%s] cycle failed: %s",
+                    key[0][-8:],
+                    child.stderr.read().decode(),
+                    extra=about(key),
+                )
             self.server.cycle_done(key, rc == 0)
 
         self.add_reader(pidfd, finished)
