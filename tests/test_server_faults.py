@@ -172,3 +172,55 @@ def test_a_retry_leaves_a_new_log_of_the_same_identity_alone(
         assert ("LVM-gone-b", 0x101) in successor.logs
     finally:
         successor.close()
+
+
+# ---------------------------------------------------------------------- a daemon process
+def test_a_daemon_on_a_read_only_run_directory_answers_and_restarts_right(
+    tmp_path: Path,
+) -> None:
+    from tests.test_control import DaemonProcess
+    from ulogd.transport.unixsock import UnixClient
+
+    with DaemonProcess(tmp_path) as d, UnixClient(d.transport) as link:
+        keep = LogDriver(link, uuid="LVM-daemon-keep", luid=1)
+        gone = LogDriver(link, uuid="LVM-daemon-gone", luid=2)
+        for driver in (keep, gone):
+            driver.create(TEXT)
+            assert driver.mark([5]).error == 0 and driver.flush().error == 0
+        with read_only(d.run_dir / "logs"):
+            newcomer = LogDriver(link, uuid="LVM-daemon-new", luid=3)
+            assert newcomer.ctr(TEXT).error == -errno.EROFS
+            assert gone.call(T.DTR).error == -errno.EROFS
+            assert keep.mark([7]).error == 0  # the others are served, their state kept
+            assert [e["uuid"] for e in d.request("status")["logs"]] == [keep.uuid]
+            d.proc.kill()  # kill -9 while the directory is still read-only
+            d.proc.wait()
+    text = d.log()
+    assert "Traceback" not in text
+    assert len([ln for ln in text.splitlines() if "EROFS" in ln]) == 2, text
+    with DaemonProcess(tmp_path) as successor:
+        logs = successor.request("status")["logs"]
+        assert [(e["uuid"], e["luid"], e["marked"]) for e in logs] == [(keep.uuid, 1, 2)]
+        assert "destroyed before the restart: removed, not restored" in successor.log()
+    assert len(list((d.run_dir / "logs").iterdir())) == 1
+
+
+def test_a_ctr_at_the_descriptor_limit_is_answered_emfile(tmp_path: Path) -> None:
+    from tests.test_control import DaemonProcess
+    from ulogd.transport.unixsock import UnixClient
+
+    with DaemonProcess(tmp_path) as d, UnixClient(d.transport) as link:
+        keep = LogDriver(link, uuid="LVM-limit-keep", luid=1)
+        keep.create(TEXT)
+        pid = d.proc.pid
+        used = len(os.listdir(f"/proc/{pid}/fd"))
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={used}:"], check=True)  # soft only
+        newcomer = LogDriver(link, uuid="LVM-limit-new", luid=2)
+        assert newcomer.ctr(TEXT).error == -errno.EMFILE
+        assert keep.mark([3]).error == 0 and keep.flush().error == 0
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=1024:"], check=True)
+        assert newcomer.ctr(TEXT).error == 0
+    text = d.log()
+    assert "Traceback" not in text
+    (line,) = [ln for ln in text.splitlines() if "EMFILE" in ln]
+    assert "[imit-new] CTR luid=0x2" in line and "state file" in line
