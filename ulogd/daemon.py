@@ -270,6 +270,8 @@ class Daemon:
         try:
             while not self._stop:
                 timeout = self._run_timers()
+                if self._stop:  # a timer may end the loop too
+                    break
                 if next_ping is not None:
                     ping = max(0.0, next_ping - time.monotonic())
                     timeout = ping if timeout is None else min(timeout, ping)
