@@ -1,4 +1,5 @@
-"""Resource faults in CTR and DTR (issue 14, item 4): a read-only run directory.
+"""Resource faults in CTR and DTR (issue 14, item 4): a read-only run directory, and the
+descriptor limit (a real ``RLIMIT_NOFILE`` set on a daemon process with ``prlimit``).
 
 The state directory is covered by a read-only bind mount of itself, as a file system that
 went read-only would be.  The logs already open keep their writable mappings (through the
