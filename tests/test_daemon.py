@@ -15,6 +15,12 @@ from ulogd.testing.driver import InProcess, LogDriver
 from ulogd.transport.unixsock import UnixServerTransport
 
 
+@pytest.fixture(autouse=True)
+def capture_every_line(caplog: pytest.LogCaptureFixture) -> None:
+    # whatever level an earlier test left on the "ulogd" logger (ulogd replay sets one)
+    caplog.set_level(logging.INFO, logger="ulogd")
+
+
 @pytest.fixture
 def transport(tmp_path: Path):
     t = UnixServerTransport(str(tmp_path / "ulogd.sock"))
@@ -65,6 +71,5 @@ def test_housekeeping_logs_the_summary_of_a_flood_without_another_request(
     monkeypatch.setattr(daemon_module, "HOUSEKEEPING_INTERVAL", 0.01)
     d = Daemon(server, transport)
     d.call_later(0.05, lambda: setattr(d, "_stop", True))
-    with caplog.at_level(logging.WARNING, logger="ulogd"):
-        d.run()
+    d.run()
     assert caplog.text.count("suppressed 40 similar line(s) in the last 60 s") == 1

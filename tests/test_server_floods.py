@@ -30,6 +30,12 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(autouse=True)
+def capture_every_line(caplog: pytest.LogCaptureFixture) -> None:
+    # whatever level an earlier test left on the "ulogd" logger (ulogd replay sets one)
+    caplog.set_level(logging.INFO, logger="ulogd")
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -47,7 +53,6 @@ def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 def test_ten_thousand_requests_for_unknown_logs_cost_a_burst_and_one_summary(
     server: Server, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ulogd")
     for i in range(10_000):
         d = LogDriver(InProcess(server), uuid=f"LVM-gone-{i:05d}", luid=i)
         assert d.call(T.GET_SYNC_COUNT).error == p.ESRCH  # every one is answered
