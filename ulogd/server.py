@@ -257,7 +257,7 @@ class Server:
         #: the clock of the rate limits (seconds; tests pass their own)
         self.clock = clock
         #: lines a flood could multiply: rejected datagrams, unknown logs, regions out of
-        #: range, refused constructors (one window per kind; see ulogd.ratelimit)
+        #: range, refused constructors, resource faults (a window per kind; ulogd.ratelimit)
         self.limiter = RateLimiter()
         self._orphan_since: dict[tuple[tuple[str, int], int], float] = {}
         #: state files of destroyed logs whose removal failed: path → inode (see
