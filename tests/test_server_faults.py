@@ -175,6 +175,25 @@ def test_a_retry_leaves_a_new_log_of_the_same_identity_alone(
         successor.close()
 
 
+def test_a_dtr_whose_log_device_fails_to_close_still_removes_the_log(
+    logs_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ulogd import disklog
+
+    class Sticky(disklog.MemoryDiskLog):
+        def close(self) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+    server = Server(state_dir=StateDir(logs_dir), open_device=lambda _p: Sticky(1 << 20))
+    d = LogDriver(InProcess(server), uuid="LVM-sticky-device", luid=4)
+    d.create("131072 disk /dev/fake 1024")
+    with caplog.at_level(logging.INFO, logger="ulogd"):
+        assert d.call(T.DTR).error == 0
+    assert server.logs == {} and list(logs_dir.iterdir()) == []
+    assert "closing the log device failed: EIO" in caplog.text
+    assert restart(logs_dir).logs == {}
+
+
 # ---------------------------------------------------------------------- a daemon process
 def test_a_daemon_on_a_read_only_run_directory_answers_and_restarts_right(
     tmp_path: Path,

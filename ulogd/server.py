@@ -721,7 +721,15 @@ class Server:
             actions.append(Leave(request.key))
         del self.logs[request.key]
         if entry.device is not None:
-            entry.device.close()
+            try:
+                entry.device.close()
+            except OSError as exc:  # the log goes all the same, its file with it
+                log.warning(
+                    "%s DTR: closing the log device failed: %s",
+                    tag(request.uuid),
+                    describe_oserror(exc),
+                    extra=about(request.key),
+                )
         failure = self._remove_state(entry.state)
         if failure is not None:
             # The kernel has forgotten the log whatever the reply says; the file's tombstone
