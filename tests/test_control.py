@@ -285,3 +285,47 @@ def test_peer_without_credentials_is_refused() -> None:
     assert reply["ok"] is False and "root only" in reply["error"]
     reply = json.loads(server.handle(b'{"command": "status"}', control.Peer(1, 1000, 1000)))
     assert reply["ok"] is False and "your uid is 1000" in reply["error"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, every thread included (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_at_the_descriptor_limit_the_listener_backs_off_and_recovers(
+    daemon: DaemonProcess,
+) -> None:
+    pid = daemon.proc.pid
+    limit = len(os.listdir(f"/proc/{pid}/fd")) + 3  # room for three connections, no more
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True)
+    idle = []
+    try:
+        for _ in range(8):  # three accepted and held open, the rest queued
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(daemon.control))
+            idle.append(s)
+        deadline = time.monotonic() + 10
+        while "cannot accept connections" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        # The episode lasts while the clients stay: a spinning loop would burn a core and
+        # log a line per attempt; a paused listener costs next to nothing.
+        before = _cpu_seconds(pid)
+        time.sleep(2.0)
+        spent = _cpu_seconds(pid) - before
+        assert spent < 0.3, f"{spent:.2f} s of CPU in a 2 s episode"
+    finally:
+        for s in idle:
+            s.close()
+    # the descriptors are free again: the queued clients and a new status are answered
+    assert control.request(daemon.control, "status", timeout=10)["ok"] is True
+    deadline = time.monotonic() + 10
+    while "accepting connections again" not in daemon.log():  # the episode's end
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    text = daemon.log()
+    assert text.count("cannot accept connections") == 1, text[-2000:]
+    assert "Too many open files" in text
+    assert text.count("accepting connections again") == 1
+    assert daemon.request("ping")["ok"]

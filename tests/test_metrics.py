@@ -103,6 +103,16 @@ def test_control_socket_metrics_agree(served: DaemonProcess) -> None:
                  result="0") == SYNCED  # fmt: skip
 
 
+def test_suppressed_log_lines_are_counted(served: DaemonProcess) -> None:
+    with UnixClient(served.transport) as link:
+        for i in range(25):  # requests for logs that do not exist: all answered
+            assert LogDriver(link, uuid=f"LVM-none-{i}", luid=i).call(T.IN_SYNC, bytes(8)).error
+    m = parse(served.request("metrics")["text"])
+    suppressed = m["ulogd_log_lines_suppressed"]
+    assert value(suppressed, "ulogd_log_lines_suppressed_total",
+                 kind="request for an unknown log") == 25 - 10  # fmt: skip
+
+
 def test_http_other_paths(served: DaemonProcess) -> None:
     address = served.request("status")["daemon"]["metrics_listen"]
     assert scrape(address, "/")[0] == 404

@@ -158,6 +158,18 @@ def test_lying_lengths_get_an_ack_error_when_the_seq_is_readable() -> None:
     assert isinstance(short, wire.Rejected) and short.reply is None
 
 
+def test_a_connector_message_without_a_request_gets_an_ack_error() -> None:
+    # cn_msg.len 0 and nlmsg_len 36: nothing of the request, but cn_msg.seq is readable
+    empty = bytearray(wire.encode_request(T.GET_SYNC_COUNT, uuid="u", seq=32)[:36])
+    struct.pack_into("=I", empty, 0, 36)
+    struct.pack_into("=H", empty, 32, 0)
+    out = wire.decode(bytes(empty))
+    assert isinstance(out, wire.Rejected) and "len 0" in out.reason
+    assert out.reply is not None
+    rep = wire.decode_reply(out.reply)
+    assert rep.ack_only and rep.seq == 32 and rep.error == p.EINVAL
+
+
 def test_legacy_2009_layout_round_trip() -> None:
     lay = wire.LEGACY_2009
     datagram = wire.encode_request(T.IN_SYNC, uuid="old", seq=8, data=bytes(8), layout=lay)

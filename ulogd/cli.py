@@ -240,6 +240,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     layout = wire.LAYOUTS[args.protocol]
     run_dir: Path = args.run_dir
+    _make_run_dir(run_dir)
     node_dir = run_dir / "dev"
 
     def open_device(arg: str) -> LogDevice:
@@ -315,6 +316,17 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         server.close()
         raise
     return daemon
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the run directory 0700 before anything inside it (its ``logs/`` would otherwise
+    create it with the umask's mode); one that exists keeps the mode it was given (e.g. by
+    systemd's ``RuntimeDirectoryMode``)."""
+    try:
+        run_dir.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return
+    os.chmod(run_dir, 0o700)  # whatever the umask
 
 
 def _detach() -> int:

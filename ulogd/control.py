@@ -26,9 +26,17 @@ accept, read until the terminator, write, close), so the server's state is only 
 the loop thread.  A request larger than 64 KiB is refused; at most 64 connections are open at
 once (the oldest is dropped), so a stuck client cannot exhaust descriptors.
 
+At the descriptor limit (``accept()`` fails with EMFILE, ENFILE, ENOBUFS or ENOMEM) the
+pending connection stays queued and the listener stays readable: polling it would spin.  The
+listener is then taken out of the loop for :data:`BACKOFF_FIRST` seconds, doubling up to
+:data:`BACKOFF_MAX`, and polled again; one line reports the episode when it starts and one
+when it ends (every queued connection accepted).  Queued clients are answered once
+descriptors free up.
+
 The last error seen for each log is derived from the daemon's own log records
 (:class:`LastErrors`): every server message about a log starts with its uuid tail
-(``[abcd1234]``), which is also what operators grep for.
+(``[abcd1234]``), which is what operators grep for, and carries the log's whole identity
+(uuid and luid), which is what the table is keyed by.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ import errno
 import json
 import logging
 import os
-import re
 import socket
 import struct
 import time
@@ -48,7 +55,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ulogd import __version__
-from ulogd.server import tag
 
 if TYPE_CHECKING:
     from ulogd.daemon import Daemon
@@ -58,6 +64,11 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 65536
 MAX_CONNECTIONS = 64
+#: seconds the listener rests after an accept() that failed for want of a resource, doubling
+#: at each further failure up to BACKOFF_MAX
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 1.0
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _UCRED = struct.Struct("3i")
 
 Handler = Callable[[bytes, "Peer"], bytes]
@@ -156,6 +167,13 @@ class StreamService:
         self.terminator = terminator
         self._too_large = too_large
         self.connections: collections.OrderedDict[int, _Connection] = collections.OrderedDict()
+        #: accept() failures for want of a resource: in all, and in the current episode
+        self.accept_failures = 0
+        self._episode_failures = 0
+        self._episode_started = 0.0
+        self._backoff = BACKOFF_FIRST
+        self._paused = False
+        self.name = "control" if sock.family == socket.AF_UNIX else "metrics"
         sock.setblocking(False)
         daemon.add_reader(sock.fileno(), self._accept)
         daemon.at_shutdown(self.close)
@@ -165,10 +183,20 @@ class StreamService:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                if self._episode_failures:  # every queued client accepted: the episode ends
+                    log.warning(
+                        "%s: accepting connections again (%d attempt(s) failed for want of "
+                        "a resource in %.1f s)",
+                        self.name,
+                        self._episode_failures,
+                        time.monotonic() - self._episode_started,
+                    )
+                    self._episode_failures = 0
+                    self._backoff = BACKOFF_FIRST
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("control: cannot accept a connection: %s", exc)
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._pause(exc)
                 return
             conn.setblocking(False)
             while len(self.connections) >= MAX_CONNECTIONS:
@@ -177,6 +205,32 @@ class StreamService:
             c = _Connection(self, conn)
             self.connections[id(c)] = c
             self.daemon.add_reader(conn.fileno(), c.readable)
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop polling the listener for a while (see the module docstring)."""
+        self.accept_failures += 1
+        if not self._episode_failures:
+            self._episode_started = time.monotonic()
+            log.error(
+                "%s: cannot accept connections: %s; the listener pauses and retries every "
+                "%g-%g s until it can",
+                self.name,
+                exc,
+                BACKOFF_FIRST,
+                BACKOFF_MAX,
+            )
+        else:
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        self._episode_failures += 1
+        self._paused = True
+        self.daemon.remove_fd(self.sock.fileno())
+        self.daemon.call_later(self._backoff, self._resume)
+
+    def _resume(self) -> None:
+        if self._paused and self.sock.fileno() >= 0:
+            self._paused = False
+            self.daemon.add_reader(self.sock.fileno(), self._accept)
+            self._accept()  # at once: an empty queue ends the episode too
 
     def answer(self, request: bytes, peer: Peer | None) -> bytes:
         try:
@@ -203,14 +257,19 @@ def _reply(obj: dict[str, Any]) -> bytes:
 
 
 class LastErrors(logging.Handler):
-    """Remembers the newest warning or error for each log (by uuid tail) and for the daemon."""
+    """Remembers the newest warning or error for each log and for the daemon.
 
-    _TAG = re.compile(r"^\[([^\]\s]{1,8})\] ")
+    A record is about a log when it carries that log's whole identity (``extra=about(key)``,
+    see :func:`ulogd.server.about`): the ``[tail]`` a line starts with is for operators and
+    may be shared by two logs.  Any other error is the daemon's."""
+
     LIMIT = 4096
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.by_tail: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.by_log: collections.OrderedDict[tuple[str, int], dict[str, Any]] = (
+            collections.OrderedDict()
+        )
         self.daemon: dict[str, Any] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -219,19 +278,18 @@ class LastErrors(logging.Handler):
         except Exception:
             return
         entry = {"time": record.created, "level": record.levelname.lower(), "message": message}
-        match = self._TAG.match(message)
-        if match is None:
+        key = getattr(record, "ulogd_log", None)
+        if not isinstance(key, tuple):
             if record.levelno >= logging.ERROR:
                 self.daemon = entry
             return
-        tail = match.group(1)
-        self.by_tail.pop(tail, None)
-        self.by_tail[tail] = entry
-        while len(self.by_tail) > self.LIMIT:
-            self.by_tail.popitem(last=False)
+        self.by_log.pop(key, None)
+        self.by_log[key] = entry
+        while len(self.by_log) > self.LIMIT:
+            self.by_log.popitem(last=False)
 
-    def for_uuid(self, uuid: str) -> dict[str, Any] | None:
-        return self.by_tail.get(tag(uuid)[1:-1])
+    def for_log(self, uuid: str, luid: int) -> dict[str, Any] | None:
+        return self.by_log.get((uuid, luid))
 
 
 def snapshot(
@@ -274,7 +332,7 @@ def snapshot(
                 "server": server.local_node,
                 "members": sorted(rl.members),
                 "cluster": None,
-                "last_error": errors.for_uuid(uuid) if errors else None,
+                "last_error": errors.for_log(uuid, luid) if errors else None,
             }
         )
         group = getattr(entry, "group", None)

@@ -13,6 +13,11 @@ A single thread runs a ``selectors`` loop over three kinds of descriptor:
 * the signal wake-up pipe — SIGTERM/SIGINT stop the loop (state lives in the run directory's
   mapped files, so the next daemon continues where this one stopped); SIGUSR1 logs every log.
 
+Timers (:meth:`Daemon.call_later`, :meth:`Daemon.call_every`) run on the loop thread too: the
+select timeout is the nearest one.  The server's housekeeping runs every
+:data:`HOUSEKEEPING_INTERVAL` seconds (retrying the removal of destroyed logs' files, and
+logging the rate limits' "suppressed N similar lines" summaries once their window is over).
+
 Capture (``--capture``) records each datagram as it crosses the transport, in both
 directions, through a buffered writer that never blocks the reply path.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -47,10 +54,14 @@ from ulogd.server import (
     LogDevice,
     Send,
     Server,
+    about,
 )
 from ulogd.transport import Transport
 
 log = logging.getLogger(__name__)
+
+#: seconds between two runs of the server's housekeeping (see :meth:`Daemon.housekeeping`)
+HOUSEKEEPING_INTERVAL = 10.0
 
 
 @dataclasses.dataclass
@@ -145,6 +156,9 @@ class Daemon:
         self._at_shutdown: list[Callable[[], None]] = []
         #: the corosync edge (cluster mode): performs Join/ClusterSend/Leave actions
         self.cluster: Any | None = None
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # a heap by due time
+        self._timer_order = itertools.count()
+        self.call_every(HOUSEKEEPING_INTERVAL, self.housekeeping)
 
     # ------------------------------------------------------------------ extension hooks
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -170,6 +184,41 @@ class Daemon:
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._selector.unregister(fd)
         self._selector.register(fd, events, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the loop thread in ``delay`` seconds (monotonic clock)."""
+        due = time.monotonic() + delay
+        heapq.heappush(self._timers, (due, next(self._timer_order), callback))
+
+    def call_every(self, interval: float, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` every ``interval`` seconds on the loop thread."""
+
+        def again() -> None:
+            self.call_later(interval, again)
+            callback()
+
+        self.call_later(interval, again)
+
+    def _run_timers(self) -> float | None:
+        """Run the timers that are due; the seconds until the next one (None: none)."""
+        timers = self._timers
+        while timers:
+            due, _, callback = timers[0]
+            now = time.monotonic()
+            if due > now:
+                return due - now
+            heapq.heappop(timers)
+            try:
+                callback()
+            except Exception:
+                log.exception("internal error in a timer")
+        return None
+
+    def housekeeping(self) -> None:
+        """Periodic work of the server that needs no request to trigger it."""
+        if self.server.unremoved:
+            self.server.retry_removals()
+        self.server.log_summaries()
 
     def execute(self, actions: list[Action]) -> None:
         """Perform actions produced outside a request (cluster events, timers)."""
@@ -220,9 +269,12 @@ class Daemon:
         next_ping = time.monotonic() + watchdog if watchdog else None
         try:
             while not self._stop:
-                timeout = None
+                timeout = self._run_timers()
+                if self._stop:  # a timer may end the loop too
+                    break
                 if next_ping is not None:
-                    timeout = max(0.0, next_ping - time.monotonic())
+                    ping = max(0.0, next_ping - time.monotonic())
+                    timeout = ping if timeout is None else min(timeout, ping)
                 if self.cluster is not None:
                     wait = self.cluster.timeout()
                     if wait is not None:
@@ -331,11 +383,15 @@ class Daemon:
 
         names = dmcontrol.mirrors_using(key[0])
         if not names:
-            log.error("[%s] no local mirror uses this log: nothing to cycle", key[0][-8:])
+            log.error(
+                "[%s] no local mirror uses this log: nothing to cycle",
+                key[0][-8:],
+                extra=about(key),
+            )
             self.server.cycle_done(key, False)
             return
         log.warning("[%s] suspend/resume of %s to recover a departed member's regions",
-                    key[0][-8:], ", ".join(names))  # fmt: skip
+                    key[0][-8:], ", ".join(names), extra=about(key))  # fmt: skip
         child = dmcontrol.start_cycle(names)
         pidfd = os.pidfd_open(child.pid)
 
@@ -344,7 +400,12 @@ class Daemon:
             os.close(pidfd)
             rc = child.wait()
             if rc != 0 and child.stderr is not None:
-                log.error("[%s] cycle failed: %s", key[0][-8:], child.stderr.read().decode())
+                log.error(
+                    "[%s] cycle failed: %s",
+                    key[0][-8:],
+                    child.stderr.read().decode(),
+                    extra=about(key),
+                )
             self.server.cycle_done(key, rc == 0)
 
         self.add_reader(pidfd, finished)

@@ -7,7 +7,8 @@ bucket counts bumped on the loop thread (:meth:`LatencyHistogram.observe`: one `
 two additions, no lock — the loop is the only writer).  Everything else is *derived* when a
 scrape asks: :class:`DaemonCollector` (a ``prometheus_client`` custom collector) reads
 
-* ``Server.results`` (requests by type and result) and ``Server.rejected``;
+* ``Server.results`` (requests by type and result), ``Server.rejected`` and the lines its
+  rate limits suppressed;
 * every log's region counts (in sync, marked, device health);
 * the disk workers' counters (reads, flush writes, bytes written, errors — bumped on the
   worker threads, plain integers read without a lock);
@@ -142,6 +143,14 @@ class DaemonCollector:
         for reason, count in sorted(server.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        suppressed = CounterMetricFamily(
+            "ulogd_log_lines_suppressed",
+            "Log lines left out by the rate limits, by kind of event",
+            labels=["kind"],
+        )
+        for kind, count in sorted(server.limiter.suppressed_total.items()):
+            suppressed.add_metric([kind], count)
+        yield suppressed
         yield CounterMetricFamily(
             "ulogd_datagrams_received", "Datagrams read from the transport", value=daemon.served
         )

@@ -22,16 +22,29 @@ answered ``-ESRCH``, the one error that makes the kernel re-send CTR and RESUME;
 a reconnecting kernel (payload ending in NUL) re-attaches to the log restored from its state
 file and never answers with a device name (the kernel gives that CTR no reply buffer).
 Scalar state is saved to the log's state file before the reply that depends on it.
+
+Faults and floods: an ``OSError`` while handling a request (EMFILE, EROFS, ENOSPC, ...) is
+answered with its ``-errno`` and one line naming the log and the cause; a DTR whose state file
+cannot be removed leaves it tombstoned (never restored) and retries the removal
+(:meth:`Server.retry_removals`).  Lines that a flood could multiply — rejected datagrams,
+requests for unknown logs, regions out of range, refused constructors, resource faults — go
+through one rate limit per kind (:mod:`ulogd.ratelimit`, fed :attr:`Server.clock`), whose
+"suppressed N similar lines" summaries keep nothing silent.  Every warning or error about a
+log carries its identity (:func:`about`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import struct
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from ulogd import ctr, disklog, wire
@@ -39,12 +52,32 @@ from ulogd import protocol as p
 from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
 from ulogd.protocol import RequestType as T
+from ulogd.ratelimit import RateLimiter
 from ulogd.regionlog import RegionLog, Rejoin, Resume, initialise
 from ulogd.statefile import LogState, MemoryState, StateDir
 
 log = logging.getLogger(__name__)
 
 _CTR = int(T.CTR)  # a plain int: compared on every request
+#: the kinds of rate-limited lines (see Server.limiter)
+_FOREIGN = "rejected datagram not from the kernel"
+_MALFORMED = "rejected datagram"
+_UNKNOWN = "request for an unknown log"
+_OUT_OF_RANGE = "region out of range"
+_CTR_REFUSED = "constructor refused"
+_FAULT = "request failed on a resource fault"
+_REGION_TYPES = frozenset(
+    int(t)
+    for t in (
+        T.MARK_REGION,
+        T.CLEAR_REGION,
+        T.FLUSH,
+        T.IS_CLEAN,
+        T.IN_SYNC,
+        T.SET_REGION_SYNC,
+        T.IS_REMOTE_RECOVERING,
+    )
+)
 _U64 = struct.Struct("=Q")
 _S64 = struct.Struct("=q")
 _PAIR = struct.Struct("=qQ")
@@ -177,6 +210,24 @@ def tag(uuid: str) -> str:
     return f"[{uuid[-8:] or '?'}]"
 
 
+def about(key: tuple[str, int]) -> dict[str, object]:
+    """``extra=`` for a log record about one log: its whole identity, so that the control
+    socket's last-error table (``ulogd.control.LastErrors``) attributes the record to that
+    log and no other (two uuids may share the tail a line shows)."""
+    return {"ulogd_log": key}
+
+
+def describe_oserror(exc: OSError) -> str:
+    """``EROFS (Read-only file system)``: the cause of a resource fault, in one phrase."""
+    code = exc.errno or errno.EIO
+    return f"{errno.errorcode.get(code, f'errno {code}')} ({exc.strerror or os.strerror(code)})"
+
+
+def _error_of(exc: OSError) -> int:
+    """The reply error for an OSError: its negated errno (``-EIO`` if it has none)."""
+    return -(exc.errno or errno.EIO)
+
+
 class Server:
     """The table of logs and the request dispatcher (see the module docstring)."""
 
@@ -189,6 +240,7 @@ class Server:
         layout: wire.Layout = wire.CURRENT,
         cluster: bool = False,
         member_pid: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.state_dir = state_dir
         self.open_device = open_device
@@ -202,7 +254,15 @@ class Server:
         self._next_token = 1
         self._counts: dict[tuple[int, int], int] = {}  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
+        #: the clock of the rate limits (seconds; tests pass their own)
+        self.clock = clock
+        #: lines a flood could multiply: rejected datagrams, unknown logs, regions out of
+        #: range, refused constructors, resource faults (a window per kind; ulogd.ratelimit)
+        self.limiter = RateLimiter()
         self._orphan_since: dict[tuple[tuple[str, int], int], float] = {}
+        #: state files of destroyed logs whose removal failed: path → inode (see
+        #: :meth:`retry_removals`); each also carries the DESTROYED tombstone
+        self.unremoved: dict[Path, int] = {}
         self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
             T.PRESUSPEND: self._presuspend,
@@ -234,15 +294,19 @@ class Server:
 
     def handle(self, request: wire.Request) -> list[Action]:
         if request.request_type == _CTR:
-            return self._ctr(request)
+            try:
+                return self._ctr(request)
+            except OSError as exc:
+                return self._failed(request, exc)
         entry = self.logs.get((request.uuid, request.luid))
         if entry is None:
-            log.info(
-                "%s %s for unknown log luid=%#x: -ESRCH (the kernel will reconnect)",
-                tag(request.uuid),
-                p.type_name(request.request_type),
-                request.luid,
-            )
+            if self._admit(_UNKNOWN):
+                log.info(
+                    "%s %s for unknown log luid=%#x: -ESRCH (the kernel will reconnect)",
+                    tag(request.uuid),
+                    p.type_name(request.request_type),
+                    request.luid,
+                )
             return [self._reply(request, p.ESRCH)]
         if entry.waiting:
             entry.queue.append(request)
@@ -262,10 +326,22 @@ class Server:
         return actions
 
     # ------------------------------------------------------------------ plumbing
+    def _admit(self, kind: str) -> bool:
+        """Whether a line of ``kind`` is to be logged now (after the summaries due)."""
+        now = self.clock()
+        self.log_summaries(now)
+        return self.limiter.admit(kind, now)
+
+    def log_summaries(self, now: float | None = None) -> None:
+        """Log "suppressed N similar lines" for each rate-limit window that is over (the
+        daemon calls this periodically; every limited line does too)."""
+        for summary in self.limiter.expired(self.clock() if now is None else now):
+            log.warning("%s", summary.line())
+
     def _rejected(self, rejected: wire.Rejected) -> list[Action]:
         self.rejected[rejected.reason.split(" ", 1)[0]] += 1
         level = logging.WARNING if rejected.foreign else logging.ERROR
-        if self.rejected.total() <= 100 or self.rejected.total() % 1000 == 0:
+        if self._admit(_FOREIGN if rejected.foreign else _MALFORMED):
             log.log(
                 level,
                 "rejected datagram: %s%s",
@@ -277,7 +353,29 @@ class Server:
     def _reply(self, request: wire.Request, error: int = 0, payload: bytes = b"") -> Send:
         counts, key = self._counts, (request.request_type, error)
         counts[key] = counts.get(key, 0) + 1
+        if error == p.EINVAL and request.request_type in _REGION_TYPES:
+            self._out_of_range(request)
         return Send(wire.encode_reply(request, error, payload))
+
+    def _out_of_range(self, request: wire.Request) -> None:
+        """A region request answered -EINVAL: a region beyond the log's end (the only
+        reason region requests are refused)."""
+        if not self._admit(_OUT_OF_RANGE):
+            return
+        entry = self.logs.get(request.key)
+        count = entry.log.region_count if entry is not None else 0
+        data = request.data[:8] if request.request_type == T.SET_REGION_SYNC else request.data
+        regions = memoryview(data[: len(data) - len(data) % 8]).cast("Q")
+        beyond = next((r for r in regions if r >= count), None)
+        log.warning(
+            "%s %s luid=%#x: region %s is out of range (the log has %d regions): -EINVAL",
+            tag(request.uuid),
+            p.type_name(request.request_type),
+            request.luid,
+            beyond,
+            count,
+            extra=about(request.key),
+        )
 
     @property
     def results(self) -> Counter[tuple[str, str]]:
@@ -289,15 +387,60 @@ class Server:
 
     def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
         group = entry.group
-        if group is not None and request.request_type in GROUP_TYPES and not group.direct:
-            actions = self._group_actions(entry, group.submit(request))
-        else:
-            actions = self._handlers[request.request_type](entry, request)
+        try:
+            if group is not None and request.request_type in GROUP_TYPES and not group.direct:
+                actions = self._group_actions(entry, group.submit(request))
+            else:
+                actions = self._handlers[request.request_type](entry, request)
+        except OSError as exc:
+            actions = self._failed(request, exc)
         rl = entry.log
         if rl.scalars_changed:
             entry.state.save_scalars(rl.scalars())
             rl.scalars_changed = False
         return actions
+
+    def _failed(self, request: wire.Request, exc: OSError) -> list[Action]:
+        """A resource fault (EMFILE, EROFS, ENOSPC, ...) while handling ``request``: one
+        line naming the log and the cause, and the error reply the kernel is waiting for."""
+        if self._admit(_FAULT):
+            log.error(
+                "%s %s luid=%#x failed: %s",
+                tag(request.uuid),
+                p.type_name(request.request_type),
+                request.luid,
+                describe_oserror(exc),
+                extra=about(request.key),
+            )
+        return [self._reply(request, _error_of(exc))]
+
+    def _remove_state(self, state: LogState | MemoryState) -> OSError | None:
+        """Remove a destroyed log's state file; on failure, the file keeps the DESTROYED
+        tombstone (written first, through the mapping) and its removal is retried."""
+        state.mark_destroyed()
+        try:
+            state.remove()
+        except OSError as exc:
+            if isinstance(state, LogState):
+                with contextlib.suppress(OSError):  # nothing there: nothing to retry
+                    self.unremoved[state.path] = os.stat(state.path).st_ino
+            return exc
+        return None
+
+    def retry_removals(self) -> None:
+        """Try again to remove the files of destroyed logs (the daemon calls this from a
+        timer; CTR too).  A file replaced since (a new log of the same identity: another
+        inode) is left alone."""
+        for path, inode in list(self.unremoved.items()):
+            try:
+                if os.stat(path).st_ino == inode:
+                    path.unlink()
+                    log.info("state file %s of a destroyed log removed at last", path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # still failing: already reported when the log was destroyed
+            del self.unremoved[path]
 
     def _io(self, entry: Entry, action: DiskRead | DiskWrite, then: Continuation) -> list[Action]:
         entry.busy = True
@@ -311,11 +454,20 @@ class Server:
 
     # ------------------------------------------------------------------ life cycle
     def _ctr(self, request: wire.Request) -> list[Action]:
+        if self.unremoved:
+            self.retry_removals()
         reconnect = request.data.endswith(b"\0")
         try:
             config = ctr.parse(request.data)
         except ctr.CtrError as exc:
-            log.error("%s CTR %r refused: %s", tag(request.uuid), request.data, exc)
+            if self._admit(_CTR_REFUSED):
+                log.error(
+                    "%s CTR %r refused: %s",
+                    tag(request.uuid),
+                    request.data,
+                    exc,
+                    extra=about(request.key),
+                )
             return [self._reply(request, exc.reply_error)]
         if not request.uuid:
             log.error("CTR without a uuid refused")
@@ -329,6 +481,7 @@ class Server:
                     config.text,
                     request.luid,
                     existing.log.config.text,
+                    extra=about(request.key),
                 )
                 return [self._reply(request, p.EEXIST)]
             log.info(
@@ -340,17 +493,38 @@ class Server:
         try:
             entry = self._create(request.uuid, request.luid, config)
         except DeviceError as exc:
-            log.error("%s CTR %r: log device: %s", tag(request.uuid), config.text, exc)
+            log.error(
+                "%s CTR %r: log device: %s",
+                tag(request.uuid),
+                config.text,
+                exc,
+                extra=about(request.key),
+            )
             return [self._reply(request, -exc.errno)]
+        except OSError as exc:
+            log.error(
+                "%s CTR luid=%#x %s refused: cannot create its state file: %s",
+                tag(request.uuid),
+                request.luid,
+                config.text,
+                describe_oserror(exc),
+                extra=about(request.key),
+            )
+            return [self._reply(request, _error_of(exc))]
         if reconnect:
             # The kernel reconnected but nothing of this log was kept: it may be writing
             # regions the group holds for this node; they stay its marks.
             entry.rejoin = Rejoin.UNION
         if _ctr_device_name(request, config, entry.device, reconnect) is None:
-            log.error("%s CTR %r: log device name too long", tag(request.uuid), config.text)
+            log.error(
+                "%s CTR %r: log device name too long",
+                tag(request.uuid),
+                config.text,
+                extra=about(request.key),
+            )
             if entry.device is not None:
                 entry.device.close()
-            entry.state.remove()
+            self._remove_state(entry.state)
             return [self._reply(request, -errno.ENAMETOOLONG)]
         predecessor = self._predecessor(request.uuid, request.luid, config)
         if predecessor is not None:
@@ -447,6 +621,9 @@ class Server:
         actions: list[Action] = []
         for state in states:
             ident = state.identity
+            if state.destroyed:
+                self._restore_destroyed(state)
+                continue
             try:
                 config = ctr.parse(ident.ctr_text.encode())
                 if (config.region_count, config.region_size) != (
@@ -455,7 +632,13 @@ class Server:
                 ):
                     raise ctr.CtrError(22, "geometry differs from the constructor text")
             except ctr.CtrError as exc:
-                log.error("%s state file %s unusable: %s", tag(ident.uuid), state.path, exc)
+                log.error(
+                    "%s state file %s unusable: %s",
+                    tag(ident.uuid),
+                    state.path,
+                    exc,
+                    extra=about((ident.uuid, ident.luid)),
+                )
                 state.close()
                 continue
             device = None
@@ -469,6 +652,7 @@ class Server:
                         tag(ident.uuid),
                         config.log_device,
                         exc,
+                        extra=about((ident.uuid, ident.luid)),
                     )
             rl = RegionLog(
                 config,
@@ -502,17 +686,63 @@ class Server:
                 actions.append(Join(key, ident.uuid.encode() + b"\0"))
         return actions
 
+    def _restore_destroyed(self, state: LogState) -> None:
+        """A tombstoned file (its log's DTR could not remove it): never restored."""
+        ident = state.identity
+        failure = self._remove_state(state)
+        if failure is None:
+            log.info(
+                "%s state file %s of luid=%#x, destroyed before the restart: removed, not restored",
+                tag(ident.uuid),
+                state.path.name,
+                ident.luid,
+            )
+        else:
+            log.error(
+                "%s state file %s of luid=%#x belongs to a destroyed log: not restored; "
+                "removing it failed (%s), retried later",
+                tag(ident.uuid),
+                state.path.name,
+                ident.luid,
+                describe_oserror(failure),
+                extra=about((ident.uuid, ident.luid)),
+            )
+
     def _dtr(self, entry: Entry, request: wire.Request) -> list[Action]:
         actions: list[Action] = []
         if entry.group is not None:
-            log.warning("%s DTR before POSTSUSPEND: leaving the group", tag(request.uuid))
+            log.warning(
+                "%s DTR before POSTSUSPEND: leaving the group",
+                tag(request.uuid),
+                extra=about(request.key),
+            )
             entry.group.leave_now()
             entry.group = None
             actions.append(Leave(request.key))
         del self.logs[request.key]
         if entry.device is not None:
-            entry.device.close()
-        entry.state.remove()
+            try:
+                entry.device.close()
+            except OSError as exc:  # the log goes all the same, its file with it
+                log.warning(
+                    "%s DTR: closing the log device failed: %s",
+                    tag(request.uuid),
+                    describe_oserror(exc),
+                    extra=about(request.key),
+                )
+        failure = self._remove_state(entry.state)
+        if failure is not None:
+            # The kernel has forgotten the log whatever the reply says; the file's tombstone
+            # keeps it from coming back at the next start.
+            log.error(
+                "%s DTR luid=%#x: its state file could not be removed (%s); it is marked "
+                "destroyed, never restored, and its removal is retried",
+                tag(request.uuid),
+                request.luid,
+                describe_oserror(failure),
+                extra=about(request.key),
+            )
+            return [*actions, self._reply(request, _error_of(failure))]
         log.info("%s DTR luid=%#x", tag(request.uuid), request.luid)
         return [*actions, self._reply(request)]
 
@@ -557,7 +787,12 @@ class Server:
 
         def loaded(data: bytes | None, error: OSError | None) -> list[Action]:
             if error is not None or data is None:
-                log.error("%s RESUME: reading the log device failed: %s", tag(request.uuid), error)
+                log.error(
+                    "%s RESUME: reading the log device failed: %s",
+                    tag(request.uuid),
+                    error,
+                    extra=about(request.key),
+                )
                 rl.load_disk(None, 0, read_failed=True)
             else:
                 try:
@@ -567,6 +802,7 @@ class Server:
                         "%s RESUME: on-disk log unusable (%s): resyncing every region",
                         tag(request.uuid),
                         exc,
+                        extra=about(request.key),
                     )
                     rl.load_disk(None, 0, read_failed=False)
                 else:
@@ -604,6 +840,7 @@ class Server:
                     tag(request.uuid),
                     p.type_name(request.request_type),
                     exc,
+                    extra=about(request.key),
                 )
             result = rl.disk_written(exc is None)
             self._save(entry)
@@ -714,7 +951,11 @@ class Server:
         if entry is None or entry.group is None:
             return
         if entry.orphaned is None:  # keep the first incarnation: it holds the pending work
-            log.error("%s lost the local corosync: requests wait until it returns", tag(key[0]))
+            log.error(
+                "%s lost the local corosync: requests wait until it returns",
+                tag(key[0]),
+                extra=about(key),
+            )
             entry.orphaned = entry.group
             entry.orphaned.own_marks = sorted(
                 r for r, nodes in entry.log.holders.items() if self.local_node in nodes
@@ -738,6 +979,7 @@ class Server:
                     "%s the recovery cycle of the local mirror failed: regions lost by a "
                     "departed member are recovered at its next resume",
                     tag(key[0]),
+                    extra=about(key),
                 )
 
     def set_quorate(self, quorate: bool) -> list[Action]:
@@ -767,6 +1009,7 @@ class Server:
                         "its kernel asks for resync work",
                         tag(key[0]),
                         len(action.regions),
+                        extra=about(key),
                     )
                     out.append(Cycle(key))
             elif isinstance(action, g.LeaveNow):
@@ -791,7 +1034,12 @@ class Server:
 
         def written(_data: bytes | None, exc: OSError | None) -> list[Action]:
             if exc is not None:
-                log.error("%s writing the shared log device failed: %s", tag(entry.key[0]), exc)
+                log.error(
+                    "%s writing the shared log device failed: %s",
+                    tag(entry.key[0]),
+                    exc,
+                    extra=about(entry.key),
+                )
             if entry.group is None:
                 return []
             return self._group_actions(entry, entry.group.disk_written(action.index, exc is None))

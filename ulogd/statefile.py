@@ -22,7 +22,9 @@ File layout (host byte order; the file never leaves this machine)::
 Scalars are written with one ``pack_into`` by :meth:`LogState.save_scalars` before the reply
 that depends on them.  A new file is built under a temporary name and renamed into place,
 so a half-created file is never loaded; files are 0600 in a 0700 directory.  A file that does
-not validate is renamed ``*.corrupt`` and reported, never half-used.
+not validate is renamed ``*.corrupt`` and reported, never half-used.  A destroyed log's file is
+first marked :data:`DESTROYED` through its mapping, then unlinked: if the unlink fails (a
+read-only directory) the mark keeps the next daemon from restoring it.
 
 :class:`MemoryState` offers the same interface without a file, for replay and benchmarks.
 """
@@ -55,6 +57,12 @@ _TEXT = struct.Struct("=H129sH336s")  # uuid length, uuid, ctr text length, ctr 
 _TEXT_AT = _SCALARS_AT + _SCALARS.size
 
 _FLAGS = ("resumed", "recovery_halted", "in_sync_override", "disk_loaded", "disk_failed")
+#: in the flags word: the log's DTR was answered but its file could not be removed (a
+#: tombstone, written through the mapping, which works when the directory is read-only);
+#: such a file is never restored, only removed (see ``Server.restore``)
+DESTROYED = 1 << 31
+_FLAGS_AT = _SCALARS_AT + struct.calcsize("=Qqi")
+_U32 = struct.Struct("=I")
 
 
 class StateError(Exception):
@@ -100,7 +108,12 @@ class MemoryState:
         self.sync.setall(0)
         self.mine.setall(0)
 
+    destroyed = False
+
     def save_scalars(self, scalars: Scalars) -> None:
+        pass
+
+    def mark_destroyed(self) -> None:
         pass
 
     def remove(self) -> None:
@@ -145,6 +158,17 @@ class LogState:
             _pack_flags(s),
             self._saves,
         )
+
+    def mark_destroyed(self) -> None:
+        """Write the :data:`DESTROYED` tombstone into the mapped header (before a removal
+        that may fail); no scalar is saved after it."""
+        (flags,) = _U32.unpack_from(self._map, _FLAGS_AT)
+        _U32.pack_into(self._map, _FLAGS_AT, flags | DESTROYED)
+
+    @property
+    def destroyed(self) -> bool:
+        """The file carries the :data:`DESTROYED` tombstone."""
+        return bool(_U32.unpack_from(self._map, _FLAGS_AT)[0] & DESTROYED)
 
     def load_scalars(self) -> Scalars:
         search, recovering, recoverer, flags, self._saves = _SCALARS.unpack_from(

@@ -268,7 +268,11 @@ def _decode_checked(
     if nl_type != p.NLMSG_DONE:
         return Rejected(f"nlmsg_type {nl_type} is not NLMSG_DONE")
     if cn_len == 0:
-        return Rejected("connector message without a request (len 0)")
+        # No request header, but cn_msg.seq is the request's seq (the kernel sets both
+        # alike): the ack-only form ends the request it would wait for with -EINVAL.
+        return Rejected(
+            "connector message without a request (len 0)", reply=encode_ack(cn_seq, p.EINVAL)
+        )
     if nl_len > size or layout.prefix_size + cn_len > min(nl_len, size):
         # The lengths lie.  If the connector sequence number is readable, the kernel can
         # still be told (ack-only replies are matched on cn_msg.seq).

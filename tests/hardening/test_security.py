@@ -1,6 +1,7 @@
 """Security properties of ulogd's local files and sockets that no other test pins
 (docs/threat-model.rst lists where the rest is tested):
 
+* a run directory the daemon creates is 0700, and so is its ``logs/``;
 * state files are 0600 in a 0700 directory whatever the umask, and appear atomically: a
   creation that fails half-way leaves nothing, a leftover temporary file from a crash is
   removed and never loaded;
@@ -54,6 +55,15 @@ def test_state_files_are_private_whatever_the_umask(tmp_path: Path, loose_umask:
     os.chmod(directory, 0o755)
     StateDir(directory)
     assert _mode(directory) == 0o700
+
+
+def test_a_run_directory_ulogd_creates_is_private(tmp_path: Path) -> None:
+    from tests.test_control import DaemonProcess
+
+    run_dir = tmp_path / "new" / "run"  # neither exists yet
+    with DaemonProcess(tmp_path, run_dir=run_dir):
+        assert _mode(run_dir) == 0o700
+        assert _mode(run_dir / "logs") == 0o700
 
 
 def test_state_file_creation_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

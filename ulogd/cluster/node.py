@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cpg
-from ulogd.server import Action, ClusterSend, Join, Leave, Server
+from ulogd.server import Action, ClusterSend, Join, Leave, Server, about
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class CorosyncLink:
             self.execute(self.server.ring_changed(key, list(ring.nodes)))
 
         def on_lost(lost: Any) -> None:
-            log.error("[%s] corosync connection lost (%s)", key[0][-8:], lost.op)
+            log.error("[%s] corosync connection lost (%s)", key[0][-8:], lost.op, extra=about(key))
             self.lost.add(key)
             if lost.fd >= 0:
                 self.register(lost.fd, None)  # already closed by the handle
@@ -154,7 +154,9 @@ class CorosyncLink:
             )
             handle.join(name)
         except cpg.CpgError as exc:
-            log.error("[%s] cannot join the group (%s): retrying", key[0][-8:], exc)
+            log.error(
+                "[%s] cannot join the group (%s): retrying", key[0][-8:], exc, extra=about(key)
+            )
             self.server.group_lost(key)
             self.lost.add(key)
             return
@@ -180,7 +182,7 @@ class CorosyncLink:
         try:
             handle.leave()
         except cpg.CpgError as exc:
-            log.warning("[%s] leaving the group: %s", key[0][-8:], exc)
+            log.warning("[%s] leaving the group: %s", key[0][-8:], exc, extra=about(key))
         self._close(key, handle)
 
     def _close(self, key: tuple[str, int], handle: cpg.Handle) -> None:
@@ -234,6 +236,7 @@ class CorosyncLink:
                     node,
                     age,
                     held,
+                    extra=about(key),
                 )
 
     def close(self) -> None:

@@ -90,7 +90,11 @@ class KernelLink:
         self._dir = tempfile.mkdtemp(prefix="ulogd-kl-")
         self.path = os.path.join(self._dir, "k.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.bind(self.path)
+        try:
+            self._sock.bind(self.path)
+        except BaseException:
+            self.close()
+            raise
         self.stale = 0  # replies discarded because they answered an older request
 
     def request(self, datagram: bytes, timeout: float | None = None) -> bytes:

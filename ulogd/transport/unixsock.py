@@ -84,9 +84,13 @@ class UnixClient:
         self._dir = tempfile.mkdtemp(prefix="ulogd-client-")
         self.path = os.path.join(self._dir, "client.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self.path)
-        self._sock.connect(server_path)
-        self._sock.settimeout(timeout)
+        try:
+            self._sock.bind(self.path)
+            self._sock.connect(server_path)
+            self._sock.settimeout(timeout)
+        except BaseException:
+            self.close()  # no daemon there (yet): leave no directory behind
+            raise
 
     def send(self, datagram: bytes) -> None:
         self._sock.send(datagram)
@@ -100,8 +104,9 @@ class UnixClient:
 
     def close(self) -> None:
         self._sock.close()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
             os.rmdir(self._dir)
 
     def __enter__(self) -> UnixClient:
