@@ -350,6 +350,8 @@ class World:
         assert vg is not None
         vg.kill_daemon(node, at=b)
         self.dead[node.nodeid] = (node, vg)
+        # The dead daemon answers nothing more (the kernel re-sends what it still waits for).
+        self.abandoned.update((id(node), s) for s in node.asked - set(node.answers))
         self.trace.append(f"kill daemon {node.nodeid}")
 
     def _component_for(self, vg: VirtualGroup) -> VirtualGroup:

@@ -971,7 +971,8 @@ class Group:
         # acknowledged MARK among them may be a region the kernel writes now), and their
         # requests are answered when they arrive.
         resent = [rec for batch in previous.unconfirmed for rec in batch]
-        for rec in resent:
+        # (what it held back while it joined waits in its outbox with its request)
+        for rec in resent + previous.outbox:
             request = previous.waiting.get(rec.seq)
             if rec.op not in (m.Op.MARK, m.Op.CLEAR) and request is not None:
                 self.waiting[rec.seq] = request

@@ -86,9 +86,11 @@ class SimNode:
         return self.rejoin_group()
 
     def rejoin_group(self) -> g.Group:
-        """A new member on the current replica (also after the local corosync came back)."""
+        """A new member on the current replica (also after the local corosync came back,
+        saying what its kernel holds, as the server's rejoin does)."""
         assert self.log is not None
-        self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size)
+        rejoin = g.Rejoin.REPLACE if self.orphan is not None else g.Rejoin.FRESH
+        self.group = g.Group(self.log, self.member, chunk_size=self.chunk_size, rejoin=rejoin)
         self.ready = False
         self.master = None
         self.left_ok = False
@@ -350,7 +352,7 @@ class VirtualGroup:
             ms, left, joined, procdown = (list(x) for x in event.ids)
             self.view = list(event.members)
             self.view_ids = set(ms)
-            self.deaf = [d for d in self.deaf if not any(d is n for n in event.left)]
+            self.deaf = [d for d in self.deaf if d.member not in left]
             for n in self.listening:
                 if n.group is not None:
                     self._act(n, n.group.confchg(ms, left, joined, procdown=procdown))
