@@ -26,7 +26,11 @@ Invariants, checked in the component where an event was delivered, right after i
   writing the regions its kernel got FLUSH = 0 for; while it does, every replica keeps each of
   them dirty and held by that node id, and no GET_RESYNC_WORK hands one out for recovery.  Its
   marks go only when its new daemon rejoins with them, or when the node leaves the ring or
-  comes back with a new kernel (then its regions must be out of sync, as for a crash).
+  comes back with a new kernel (then its regions must be out of sync, as for a crash).  Two
+  limits are not checked because no daemon can know better (docs/operations.rst says what
+  needs fencing): another partition, which the node left, treats it as gone; and once every
+  member holding the log's state in the node's ring is gone too, the marks live only in the
+  dead daemon's state file until it restarts.
 
 Daemon deaths follow the kernel (dm-log-userspace-transfer.c, -base.c): the kernel of a dead
 daemon keeps writing; it re-sends each unanswered request when its timeout fires (to the new
@@ -113,6 +117,9 @@ class World:
         self.held_raise: dict[tuple[int, int], set[int]] = {}
         #: node id -> (node, component) whose daemon is dead while its kernel writes on
         self.dead: dict[int, tuple[SimNode, VirtualGroup]] = {}
+        #: dead daemons whose marks no daemon holding state remembers: every member holding
+        #: the log's state in the node's ring went too (a known limit, see docs/operations.rst)
+        self.forgotten: set[int] = set()
         #: requests sent to a daemon that died: the kernel re-sent them to the next one
         self.abandoned: set[tuple[int, int]] = set()  # (id(node), seq)
 
@@ -168,8 +175,10 @@ class World:
                 got, region = struct.unpack("=qQ", reply.data)
                 if got:
                     k.recovering = region
-                    for dn, _vg in self.dead.values():
+                    for dn, ring in self.dead.values():
                         kd = self.kern.get(dn.member)
+                        if dn.nodeid in self.forgotten or self.comp_of(node) is not ring:
+                            continue
                         if kd is not None and region in kd.writing:
                             raise Violation(
                                 f"node {node.nodeid} got region {region} to recover while "
@@ -251,6 +260,7 @@ class World:
         self.after_step()
 
     def after_step(self) -> None:
+        self.note_forgotten()
         for n in self.live():
             self.absorb(n)
         for c in self.comps:
@@ -366,6 +376,7 @@ class World:
             return
         nodeid = sorted(self.dead)[a % len(self.dead)]
         node, vg = self.dead.pop(nodeid)
+        self.forgotten.discard(nodeid)  # its REJOIN says its marks again
         k = self.kern.pop(node.member)
         vg = self._component_for(vg)
         vg.rejoin_after_restart(node)
@@ -382,6 +393,7 @@ class World:
 
     def _forget_dead(self, nodeid: int) -> SimNode:
         node, _vg = self.dead.pop(nodeid)
+        self.forgotten.discard(nodeid)
         self.kern.pop(node.member, None)  # its kernel is gone with the node
         self.crashed.append(node)
         return node
@@ -440,11 +452,24 @@ class World:
             return  # the same node id on both sides: a restarted process; merge later
         x.merge(y)
         self.comps.remove(y)
+        for nodeid, (dn, ring) in list(self.dead.items()):
+            if ring is y:  # the dead daemon's node is in the merged ring now
+                self.dead[nodeid] = (dn, x)
         self.trace.append("merge")
 
     # -- invariants ----------------------------------------------------------------------
+    def note_forgotten(self) -> None:
+        """A dead daemon's marks live on only while a member holding state stays in its
+        node's ring component; once none does, the group's memory of them is gone (until its
+        daemon restarts and says them again)."""
+        for nodeid, (_dn, ring) in self.dead.items():
+            if not any(n.group is not None and n.group.phase is g.Phase.VALID
+                       for n in ring.members):  # fmt: skip
+                self.forgotten.add(nodeid)
+
     def check(self, vg: VirtualGroup, event: Event) -> None:
         self.events += 1
+        self.note_forgotten()
         self.trace.append(f"  -> {event_name(event)}")
         # Members in a merge round hold their events until every side's state is in: they are
         # compared once the round completes.
@@ -487,9 +512,11 @@ class World:
                             f"node {n.nodeid}: region {r} clean={rl.clean[r]} holders="
                             f"{rl.holders.get(r)} while node {w.nodeid} writes it"
                         )
-            for dn, _vg in self.dead.values():
+            for dn, ring in self.dead.values():
                 kd = self.kern.get(dn.member)
-                if kd is None:
+                # Only its own ring component must keep its marks: for another partition the
+                # node left the ring (that side needs fencing, as for a node's death).
+                if kd is None or ring is not vg or dn.nodeid in self.forgotten:
                     continue
                 for r in kd.writing:
                     if rl.clean[r] or dn.nodeid not in rl.holders.get(r, ()):
