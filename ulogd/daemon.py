@@ -329,22 +329,44 @@ class Daemon:
         """Suspend/resume the local mirror(s) using this log, without blocking the loop."""
         from ulogd import dmcontrol
 
-        names = dmcontrol.mirrors_using(key[0])
+        tag = key[0][-8:]
+        try:
+            names = dmcontrol.mirrors_using(key[0])
+        except dmcontrol.DmsetupError as exc:
+            self.metrics.cycle_failed(dmsetup=True)
+            log.error("[%s] recovery cycle impossible, a departed member's regions stay "
+                      "uncopied until the mirror's next resume: %s", tag, exc)  # fmt: skip
+            self.server.cycle_done(key, False)
+            return
         if not names:
-            log.error("[%s] no local mirror uses this log: nothing to cycle", key[0][-8:])
+            self.metrics.cycle_failed(dmsetup=False)
+            log.error("[%s] no local mirror uses this log: nothing to cycle", tag)
             self.server.cycle_done(key, False)
             return
         log.warning("[%s] suspend/resume of %s to recover a departed member's regions",
-                    key[0][-8:], ", ".join(names))  # fmt: skip
-        child = dmcontrol.start_cycle(names)
+                    tag, ", ".join(names))  # fmt: skip
+        try:
+            child = dmcontrol.start_cycle(names)
+        except dmcontrol.DmsetupError as exc:
+            self.metrics.cycle_failed(dmsetup=True)
+            log.error("[%s] %s", tag, exc)
+            self.server.cycle_done(key, False)
+            return
         pidfd = os.pidfd_open(child.pid)
 
         def finished() -> None:
             self.remove_fd(pidfd)
             os.close(pidfd)
             rc = child.wait()
-            if rc != 0 and child.stderr is not None:
-                log.error("[%s] cycle failed: %s", key[0][-8:], child.stderr.read().decode())
+            if rc != 0:
+                self.metrics.cycle_failed(dmsetup=True)
+                why = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                log.error("[%s] cycle failed (status %d): %s", tag, rc,
+                          " ".join(why.split()) or "no message")  # fmt: skip
+            else:
+                self.metrics.recovery_cycles["ok"] += 1
+            if child.stderr is not None:
+                child.stderr.close()
             self.server.cycle_done(key, rc == 0)
 
         self.add_reader(pidfd, finished)
