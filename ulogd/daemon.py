@@ -145,6 +145,7 @@ class Daemon:
         self._at_shutdown: list[Callable[[], None]] = []
         #: the corosync edge (cluster mode): performs Join/ClusterSend/Leave actions
         self.cluster: Any | None = None
+        self._status_sent: str | None = None  # the last STATUS= told to systemd
 
     # ------------------------------------------------------------------ extension hooks
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -200,7 +201,8 @@ class Daemon:
             tmp = self.run_dir / "ulogd.pid.new"
             tmp.write_text(f"{os.getpid()}\n")
             tmp.rename(self.run_dir / "ulogd.pid")
-        sd_notify("READY=1\nSTATUS=serving dm-log-userspace requests")
+        self._status_sent = self.status_text()
+        sd_notify(f"READY=1\nSTATUS={self._status_sent}")
         log.info(
             "ready: %d log(s) restored, serving over %s", len(self.server.logs), self.transport.name
         )
@@ -218,6 +220,7 @@ class Daemon:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         watchdog = _watchdog_interval()
         next_ping = time.monotonic() + watchdog if watchdog else None
+        notify = bool(os.environ.get("NOTIFY_SOCKET"))
         try:
             while not self._stop:
                 timeout = None
@@ -231,6 +234,8 @@ class Daemon:
                     key.data()
                 if self.cluster is not None:
                     self.cluster.tick()
+                if notify:
+                    self._update_status()
                 if watchdog and next_ping is not None and time.monotonic() >= next_ping:
                     sd_notify("WATCHDOG=1")
                     next_ping = time.monotonic() + watchdog
@@ -242,6 +247,21 @@ class Daemon:
             os.close(rsig)
             os.close(wsig)
             self._shutdown()
+
+    def status_text(self) -> str:
+        """One line for ``systemctl status``: logs served, the cluster's state."""
+        count = len(self.server.logs)
+        text = f"serving {count} log{'' if count == 1 else 's'} over {self.transport.name}"
+        if self.cluster is None:
+            return f"{text}; cluster off"
+        return f"{text}; {self.cluster.describe()}"
+
+    def _update_status(self) -> None:
+        """Tell systemd when the status line changed (a few comparisons per wake-up)."""
+        text = self.status_text()
+        if text != self._status_sent:
+            self._status_sent = text
+            sd_notify(f"STATUS={text}")
 
     def _on_transport(self) -> None:
         receive = self.server.receive
