@@ -100,8 +100,10 @@ IMAGES = {
 LEGS = {"pair": ("sharedA", "sharedB"), "pairdisk": ("sharedC", "sharedD")}
 
 
-def _boot_pair() -> PairRun:
-    art = qemu.prepare()
+def _boot_pair(flavour: str = "init") -> PairRun:
+    """Boot the pair; flavour "systemd": systemd is PID 1 in both guests and corosync and ulogd
+    run under their units (``pair.py --systemd``)."""
+    art = qemu.prepare(flavour)
     base = qemu.new_run_dir("pair-disks")
     images = {serial: base / f"{serial}.img" for serial in IMAGES}
     for serial, (size, _) in IMAGES.items():
@@ -118,10 +120,11 @@ def _boot_pair() -> PairRun:
             devices += qemu.shared_disk_args(index, images[serial], serial, write_iops=iops)
         script = (
             f'exec python3 "$ULOGD_GUEST/pair.py" --node {node} --role {role} --uuid {uuid} '
-            f"--budget {BUDGET:.0f}"
+            f"--budget {BUDGET:.0f}" + (" --systemd" if flavour == "systemd" else "")
         )
         guests[role] = qemu.start_guest(
-            script, name=f"pair-{role}", timeout=BUDGET + 120, art=art, smp=1, memory_mb=1024,
+            script, name=f"pair-{flavour}-{role}", timeout=BUDGET + 120, art=art, smp=1,
+            memory_mb=1024,
             extra=devices,
         )  # fmt: skip
     victim, survivor = guests["victim"], guests["survivor"]
@@ -147,14 +150,18 @@ def _boot_pair() -> PairRun:
     return PairRun(victim_run, survivor_run, line, torn, final, base)
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[PairRun]:
-    run = _boot_pair()
+def _pair_fixture(flavour: str) -> Iterator[PairRun]:
+    run = _boot_pair(flavour)
     yield run
     ok = run.survivor_result.get("ok") and not any(run.final_differing_blocks.values())
     if ok and not os.environ.get("ULOGD_E2E_KEEP"):
         for path in (run.victim.run_dir, run.survivor.run_dir, run.disks):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[PairRun]:
+    yield from _pair_fixture("init")
 
 
 def test_survivor_checks_pass(pair: PairRun) -> None:
