@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,9 @@ BUDGET = 900.0
 #: Corosync's failure detection in the guests: token 1000 ms + consensus 1200 ms.
 TOKEN_PLUS_CONSENSUS = 2.2
 KERNEL_TIMEOUT = 15.0  # dm-log-userspace gives up on a request after 15 s
+#: Seconds the survivor writes before the host kills the victim (its rate before is measured
+#: from then until 3 s before the departure is seen).
+SURVIVOR_WRITES_BEFORE_KILL = 8.0
 
 
 @dataclasses.dataclass
@@ -137,6 +141,10 @@ def _boot_pair(flavour: str = "init") -> PairRun:
 
     try:
         line = victim.wait_event("writing", BUDGET)
+        # The survivor's rate before the kill is measured too: let it write for a while first
+        # (the victim's throttled second legs keep it with torn writes all along).
+        survivor.wait_event("writing", BUDGET)
+        time.sleep(SURVIVOR_WRITES_BEFORE_KILL)
         victim.kill()
         torn = compare(HALF)
         victim_run = victim.wait()
