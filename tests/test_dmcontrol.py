@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ulogd import dmcontrol, metrics
 from ulogd.daemon import Daemon
 from ulogd.server import Server
+from ulogd.testing.driver import InProcess, LogDriver
 from ulogd.transport.unixsock import UnixServerTransport
 
 LEGS = "2 7:0 0 7:1 0"
@@ -71,9 +72,14 @@ def test_no_udev_mode_only_where_udev_is_absent(tmp_path: Path) -> None:
     assert env["DM_DISABLE_UDEV"] == "1"
 
 
+UUID = "LVM-cycleCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC0001"
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon whose server has one log (created as the kernel creates it)."""
     server = Server()
+    LogDriver(InProcess(server), uuid=UUID, luid=1).create("131072 clustered-core 1024")
     transport = UnixServerTransport(str(tmp_path / "t.sock"))
     d = Daemon(server, transport, run_dir=None)
     yield d
@@ -83,12 +89,15 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 def test_a_cycle_that_cannot_list_mirrors_logs_one_error_and_counts_it(
     daemon: Daemon, broken_dmsetup: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    uuid = "LVM-cycleCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC0001"
+    entry = daemon.server.logs[(UUID, 1)]
+    entry.cycling = True  # as the server sets it when it asks for the cycle
     with caplog.at_level(logging.ERROR):
-        daemon._cycle((uuid, 1))
+        daemon._cycle((UUID, 1))
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
-    assert "recovery cycle impossible" in errors[0] and broken_dmsetup in errors[0]
+    assert "recovery cycle of the local mirror failed" in errors[0]
+    assert f"cannot run {broken_dmsetup} table" in errors[0]
+    assert not entry.cycling  # the server knows it is over (the next RESUME recovers)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in text_string_to_metric_families(metrics.render(daemon).decode())

@@ -354,14 +354,11 @@ class Daemon:
             names = dmcontrol.mirrors_using(key[0])
         except dmcontrol.DmsetupError as exc:
             self.metrics.cycle_failed(dmsetup=True)
-            log.error("[%s] recovery cycle impossible, a departed member's regions stay "
-                      "uncopied until the mirror's next resume: %s", tag, exc)  # fmt: skip
-            self.server.cycle_done(key, False)
+            self.server.cycle_done(key, False, str(exc))  # (logs it, once)
             return
         if not names:
             self.metrics.cycle_failed(dmsetup=False)
-            log.error("[%s] no local mirror uses this log: nothing to cycle", tag)
-            self.server.cycle_done(key, False)
+            self.server.cycle_done(key, False, "no local mirror uses this log")
             return
         log.warning("[%s] suspend/resume of %s to recover a departed member's regions",
                     tag, ", ".join(names))  # fmt: skip
@@ -369,8 +366,7 @@ class Daemon:
             child = dmcontrol.start_cycle(names)
         except dmcontrol.DmsetupError as exc:
             self.metrics.cycle_failed(dmsetup=True)
-            log.error("[%s] %s", tag, exc)
-            self.server.cycle_done(key, False)
+            self.server.cycle_done(key, False, str(exc))
             return
         pidfd = os.pidfd_open(child.pid)
 
@@ -378,16 +374,16 @@ class Daemon:
             self.remove_fd(pidfd)
             os.close(pidfd)
             rc = child.wait()
+            why = ""
             if rc != 0:
                 self.metrics.cycle_failed(dmsetup=True)
-                why = child.stderr.read().decode(errors="replace") if child.stderr else ""
-                log.error("[%s] cycle failed (status %d): %s", tag, rc,
-                          " ".join(why.split()) or "no message")  # fmt: skip
+                said = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                why = f"dmsetup exited with status {rc}: {' '.join(said.split()) or 'no message'}"
             else:
                 self.metrics.recovery_cycles["ok"] += 1
             if child.stderr is not None:
                 child.stderr.close()
-            self.server.cycle_done(key, rc == 0)
+            self.server.cycle_done(key, rc == 0, why)
 
         self.add_reader(pidfd, finished)
 
