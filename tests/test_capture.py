@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import struct
 import subprocess
@@ -659,17 +660,38 @@ def test_fuzz_overwrite_and_cut(pos: int, junk: bytes, cut_back: int) -> None:
 # the real tool (tshark / editcap from Debian's "tshark" package)
 # --------------------------------------------------------------------------------------------
 
-needs_tshark = pytest.mark.skipif(
-    shutil.which("tshark") is None or shutil.which("editcap") is None,
-    reason="tshark/editcap not installed (apt-get install tshark) -- real-tool check skipped",
-)
+TSHARK_TOOLS = ("tshark", "editcap", "capinfos")
+
+
+@pytest.fixture(scope="module")
+def tshark() -> None:
+    """tshark, editcap and capinfos, installed from Debian's archive when missing (as the
+    corosync and QEMU fixtures install theirs), so that the test command skips nothing.
+    ``DEBIAN_FRONTEND=noninteractive`` answers wireshark-common's debconf question (may
+    non-root users capture?) with its default, no.  Only a non-root run skips, naming the
+    command to run."""
+    if all(shutil.which(tool) for tool in TSHARK_TOOLS):
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("tshark/editcap not installed (apt-get install tshark)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    apt = ["apt-get", "-q", "-y", "-o", "Dpkg::Use-Pty=0", "-o", "DPkg::Lock::Timeout=900"]
+    install = [*apt, "install", "--no-install-recommends", "tshark"]
+    result = subprocess.run(install, env=env, capture_output=True, text=True)
+    if result.returncode != 0:  # stale or empty package lists: update once, then retry
+        subprocess.run([*apt, "update"], env=env, capture_output=True, text=True)
+        result = subprocess.run(install, env=env, capture_output=True, text=True)
+    missing = [tool for tool in TSHARK_TOOLS if shutil.which(tool) is None]
+    assert result.returncode == 0 and not missing, (
+        f"apt-get install tshark failed (missing {missing}):\n{result.stderr[-2000:]}"
+    )
 
 
 def run(*args: str) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
 
 
-@needs_tshark
+@pytest.mark.usefixtures("tshark")
 def test_tshark_reads_every_packet_as_netlink(tmp_path: Path) -> None:
     packets = sample(25)
     path = tmp_path / "c.pcapng"
@@ -695,7 +717,7 @@ def test_tshark_reads_every_packet_as_netlink(tmp_path: Path) -> None:
     assert "Linux Netlink" in info
 
 
-@needs_tshark
+@pytest.mark.usefixtures("tshark")
 @pytest.mark.parametrize("fmt", ["pcapng", "nsecpcap", "pcap"])
 def test_files_rewritten_by_editcap_read_the_same(tmp_path: Path, fmt: str) -> None:
     packets = sample(25)

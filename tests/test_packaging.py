@@ -94,15 +94,60 @@ def test_unit_contract() -> None:
     assert service["RuntimeDirectory"] == "ulogd"
     assert service["RuntimeDirectoryPreserve"] == "yes"  # state must survive a restart
     assert service["StateDirectory"] == "ulogd"
-    assert "corosync.service" in unit["Unit"]["Wants"]
-    assert "corosync.service" in unit["Unit"]["After"]
-    assert "Requires" not in unit["Unit"]  # clustering is optional
+    # Clustering is optional: the base unit never pulls corosync in (the drop-in does).
+    assert [k for k, v in unit["Unit"].items() if "corosync" in v] == []
+    assert "Requires" not in unit["Unit"]
+    # Early start, as cmirrord's unit: before remote file systems, stopped at shutdown.
+    assert unit["Unit"]["DefaultDependencies"] == "no"
+    assert {"remote-fs-pre.target", "shutdown.target"} <= set(unit["Unit"]["Before"].split())
+    assert unit["Unit"]["Conflicts"] == "shutdown.target"
+    assert "systemd-modules-load.service" in unit["Unit"]["After"].split()
     caps = service["CapabilityBoundingSet"].split()
     assert {"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_MKNOD"} <= set(caps)
     assert service["PrivateDevices"] == "no"
-    assert unit_values("DeviceAllow") == ["block-* rwm"]
+    # The recovery cycle runs dmsetup: device-mapper's control node (char 10:236) is allowed.
+    assert unit_values("DeviceAllow") == ["block-* rwm", "/dev/mapper/control rw"]
     assert "AF_NETLINK" in service["RestrictAddressFamilies"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_cluster_drop_in_pulls_corosync_in(tmp_path: Path) -> None:
+    analyze = ensure("systemd-analyze", "systemd")
+    dropin = configparser.RawConfigParser(strict=False, delimiters=("=",))
+    dropin.optionxform = str  # type: ignore[assignment,method-assign]
+    dropin.read(PACKAGING / "cluster.conf")
+    assert dropin.sections() == ["Unit"]
+    assert dropin["Unit"]["Wants"] == "corosync.service"
+    assert dropin["Unit"]["After"] == "corosync.service"
+    # The unit with the drop-in still verifies (a drop-in directory beside the unit file).
+    entry = Path(sys.executable).parent / "ulogd"
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/usr/bin/ulogd", str(entry)))
+    (tmp_path / f"{UNIT.name}.d").mkdir()
+    (tmp_path / f"{UNIT.name}.d" / "cluster.conf").write_text(
+        (PACKAGING / "cluster.conf").read_text()
+    )
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+#: ``systemd-analyze security`` of the unit before DefaultDependencies=no (issue 15): the
+#: unit must stay at least this good
+EXPOSURE_BEFORE = 3.1
+
+
+def test_security_exposure_stays_as_good(tmp_path: Path) -> None:
+    analyze = ensure("systemd-analyze", "systemd")
+    result = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= EXPOSURE_BEFORE, result.stdout
 
 
 def _expand(analyze: str, group: str, seen: set[str]) -> set[str]:

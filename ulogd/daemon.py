@@ -159,6 +159,7 @@ class Daemon:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []  # a heap by due time
         self._timer_order = itertools.count()
         self.call_every(HOUSEKEEPING_INTERVAL, self.housekeeping)
+        self._status_sent: str | None = None  # the last STATUS= told to systemd
 
     # ------------------------------------------------------------------ extension hooks
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -249,7 +250,8 @@ class Daemon:
             tmp = self.run_dir / "ulogd.pid.new"
             tmp.write_text(f"{os.getpid()}\n")
             tmp.rename(self.run_dir / "ulogd.pid")
-        sd_notify("READY=1\nSTATUS=serving dm-log-userspace requests")
+        self._status_sent = self.status_text()
+        sd_notify(f"READY=1\nSTATUS={self._status_sent}")
         log.info(
             "ready: %d log(s) restored, serving over %s", len(self.server.logs), self.transport.name
         )
@@ -267,6 +269,7 @@ class Daemon:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         watchdog = _watchdog_interval()
         next_ping = time.monotonic() + watchdog if watchdog else None
+        notify = bool(os.environ.get("NOTIFY_SOCKET"))
         try:
             while not self._stop:
                 timeout = self._run_timers()
@@ -283,6 +286,8 @@ class Daemon:
                     key.data()
                 if self.cluster is not None:
                     self.cluster.tick()
+                if notify:
+                    self._update_status()
                 if watchdog and next_ping is not None and time.monotonic() >= next_ping:
                     sd_notify("WATCHDOG=1")
                     next_ping = time.monotonic() + watchdog
@@ -294,6 +299,21 @@ class Daemon:
             os.close(rsig)
             os.close(wsig)
             self._shutdown()
+
+    def status_text(self) -> str:
+        """One line for ``systemctl status``: logs served, the cluster's state."""
+        count = len(self.server.logs)
+        text = f"serving {count} log{'' if count == 1 else 's'} over {self.transport.name}"
+        if self.cluster is None:
+            return f"{text}; cluster off"
+        return f"{text}; {self.cluster.describe()}"
+
+    def _update_status(self) -> None:
+        """Tell systemd when the status line changed (a few comparisons per wake-up)."""
+        text = self.status_text()
+        if text != self._status_sent:
+            self._status_sent = text
+            sd_notify(f"STATUS={text}")
 
     def _on_transport(self) -> None:
         receive = self.server.receive
@@ -381,32 +401,41 @@ class Daemon:
         """Suspend/resume the local mirror(s) using this log, without blocking the loop."""
         from ulogd import dmcontrol
 
-        names = dmcontrol.mirrors_using(key[0])
+        tag = key[0][-8:]
+        try:
+            names = dmcontrol.mirrors_using(key[0])
+        except dmcontrol.DmsetupError as exc:
+            self.metrics.cycle_failed(dmsetup=True)
+            self.server.cycle_done(key, False, str(exc))  # (logs it, once)
+            return
         if not names:
-            log.error(
-                "[%s] no local mirror uses this log: nothing to cycle",
-                key[0][-8:],
-                extra=about(key),
-            )
-            self.server.cycle_done(key, False)
+            self.metrics.cycle_failed(dmsetup=False)
+            self.server.cycle_done(key, False, "no local mirror uses this log")
             return
         log.warning("[%s] suspend/resume of %s to recover a departed member's regions",
-                    key[0][-8:], ", ".join(names), extra=about(key))  # fmt: skip
-        child = dmcontrol.start_cycle(names)
+                    tag, ", ".join(names), extra=about(key))  # fmt: skip
+        try:
+            child = dmcontrol.start_cycle(names)
+        except dmcontrol.DmsetupError as exc:
+            self.metrics.cycle_failed(dmsetup=True)
+            self.server.cycle_done(key, False, str(exc))
+            return
         pidfd = os.pidfd_open(child.pid)
 
         def finished() -> None:
             self.remove_fd(pidfd)
             os.close(pidfd)
             rc = child.wait()
-            if rc != 0 and child.stderr is not None:
-                log.error(
-                    "[%s] cycle failed: %s",
-                    key[0][-8:],
-                    child.stderr.read().decode(),
-                    extra=about(key),
-                )
-            self.server.cycle_done(key, rc == 0)
+            why = ""
+            if rc != 0:
+                self.metrics.cycle_failed(dmsetup=True)
+                said = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                why = f"dmsetup exited with status {rc}: {' '.join(said.split()) or 'no message'}"
+            else:
+                self.metrics.recovery_cycles["ok"] += 1
+            if child.stderr is not None:
+                child.stderr.close()
+            self.server.cycle_done(key, rc == 0, why)
 
         self.add_reader(pidfd, finished)
 

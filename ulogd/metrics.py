@@ -96,6 +96,10 @@ class Metrics:
         self.latency = LatencyHistogram()
         self.cluster_deliveries = 0
         self.membership_changes = 0
+        #: recovery cycles (suspend/resume of a local mirror) by outcome
+        self.recovery_cycles = {"ok": 0, "failed": 0, "no_mirror": 0}
+        #: dmsetup runs that failed (table lookup or suspend/resume)
+        self.dmsetup_failures = 0
 
     # Hooks for the cluster layer.
     def cluster_delivery(self, count: int = 1) -> None:
@@ -103,6 +107,14 @@ class Metrics:
 
     def membership_change(self) -> None:
         self.membership_changes += 1
+
+    def cycle_failed(self, *, dmsetup: bool) -> None:
+        """A recovery cycle that did not run: dmsetup failed, or no local mirror uses the log."""
+        if dmsetup:
+            self.dmsetup_failures += 1
+            self.recovery_cycles["failed"] += 1
+        else:
+            self.recovery_cycles["no_mirror"] += 1
 
 
 class DaemonCollector:
@@ -224,6 +236,20 @@ class DaemonCollector:
             "ulogd_cluster_membership_changes",
             "Cluster membership changes seen",
             value=metrics.membership_changes,
+        )
+        cycles = CounterMetricFamily(
+            "ulogd_recovery_cycles",
+            "Suspend/resume cycles of a local mirror to copy a departed member's regions, "
+            "by result (ok, failed, no_mirror)",
+            labels=["result"],
+        )
+        for result, count in metrics.recovery_cycles.items():
+            cycles.add_metric([result], count)
+        yield cycles
+        yield CounterMetricFamily(
+            "ulogd_dmsetup_failures",
+            "dmsetup runs that failed (table lookup or suspend/resume of a recovery cycle)",
+            value=metrics.dmsetup_failures,
         )
 
 

@@ -970,15 +970,17 @@ class Server:
         entry.group = Group(entry.log, (self.local_node, self.member_pid), rejoin=Rejoin.REPLACE)
         return [Join(key, key[0].encode() + b"\0")]
 
-    def cycle_done(self, key: tuple[str, int], ok: bool) -> None:
+    def cycle_done(self, key: tuple[str, int], ok: bool, why: str = "") -> None:
+        """The cycle of :class:`Cycle` ended; a failure is logged here, once, with ``why``."""
         entry = self.logs.get(key)
         if entry is not None:
             entry.cycling = False
             if not ok:
                 log.error(
-                    "%s the recovery cycle of the local mirror failed: regions lost by a "
+                    "%s the recovery cycle of the local mirror failed%s: regions lost by a "
                     "departed member are recovered at its next resume",
                     tag(key[0]),
+                    f" ({why})" if why else "",
                     extra=about(key),
                 )
 

@@ -11,12 +11,13 @@ the cache ahead of time with ``.venv/bin/python -m ulogd.testing.qemu prepare``.
 runs under TCG emulation, so the whole tier takes several minutes (two boots, each running a
 group of scenarios with one shared ulogd).
 
-Each boot's run directory ``.cache/qemu/runs/<group>-<time>-*/`` holds ``console.log``,
-``result.json`` (the guest's checks), ``ulogd.log``, the daemon's ``capture-*.pcapng`` files
-and ``dmesg.txt``.  It is deleted when every scenario of the boot passed, kept otherwise (set
-``ULOGD_E2E_KEEP=1`` to keep it always).  A failing test prints the failed checks, the tail of
-the guest console and of the ulogd log.  ``tools/e2e-shell`` boots the same guest with a
-shell for debugging.
+Each boot's run directory ``.cache/qemu/runs/<group>-<time>-*/`` (``.e2e-runs/`` when
+``.cache`` is a symlink out of the checkout, which the guest could not follow) holds
+``console.log``, ``result.json`` (the guest's checks), ``ulogd.log``, the daemon's
+``capture-*.pcapng`` files and ``dmesg.txt``.  It is deleted when every scenario of the boot
+passed, kept otherwise (set ``ULOGD_E2E_KEEP=1`` to keep it always).  A failing test prints
+the failed checks, the tail of the guest console and of the ulogd log.  ``tools/e2e-shell``
+boots the same guest with a shell for debugging.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,9 @@ BUDGET = 900.0
 #: Corosync's failure detection in the guests: token 1000 ms + consensus 1200 ms.
 TOKEN_PLUS_CONSENSUS = 2.2
 KERNEL_TIMEOUT = 15.0  # dm-log-userspace gives up on a request after 15 s
+#: Seconds the survivor writes before the host kills the victim (its rate before is measured
+#: from then until 3 s before the departure is seen).
+SURVIVOR_WRITES_BEFORE_KILL = 8.0
 
 
 @dataclasses.dataclass
@@ -70,8 +74,10 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _boot_pair() -> PairRun:
-    art = qemu.prepare()
+def _boot_pair(flavour: str = "init") -> PairRun:
+    """Boot the pair; flavour "systemd": systemd is PID 1 in both guests and corosync and ulogd
+    run under their units (``pair.py --systemd``)."""
+    art = qemu.prepare(flavour)
     base = qemu.new_run_dir("pair-disks")
     images = {serial: base / f"{serial}.img" for serial in IMAGES}
     for serial, (size, _) in IMAGES.items():
@@ -88,10 +94,11 @@ def _boot_pair() -> PairRun:
             devices += qemu.shared_disk_args(index, images[serial], serial, write_iops=iops)
         script = (
             f'exec python3 "$ULOGD_GUEST/pair.py" --node {node} --role {role} --uuid {uuid} '
-            f"--budget {BUDGET:.0f}"
+            f"--budget {BUDGET:.0f}" + (" --systemd" if flavour == "systemd" else "")
         )
         guests[role] = qemu.start_guest(
-            script, name=f"pair-{role}", timeout=BUDGET + 120, art=art, smp=1, memory_mb=1024,
+            script, name=f"pair-{flavour}-{role}", timeout=BUDGET + 120, art=art, smp=1,
+            memory_mb=1024,
             extra=devices,
         )  # fmt: skip
     victim, survivor = guests["victim"], guests["survivor"]
@@ -104,6 +111,10 @@ def _boot_pair() -> PairRun:
 
     try:
         line = victim.wait_event("writing", BUDGET)
+        # The survivor's rate before the kill is measured too: let it write for a while first
+        # (the victim's throttled second legs keep it with torn writes all along).
+        survivor.wait_event("writing", BUDGET)
+        time.sleep(SURVIVOR_WRITES_BEFORE_KILL)
         victim.kill()
         torn = compare(HALF)
         victim_run = victim.wait()
@@ -117,14 +128,18 @@ def _boot_pair() -> PairRun:
     return PairRun(victim_run, survivor_run, line, torn, final, base)
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[PairRun]:
-    run = _boot_pair()
+def _pair_fixture(flavour: str) -> Iterator[PairRun]:
+    run = _boot_pair(flavour)
     yield run
     ok = run.survivor_result.get("ok") and not any(run.final_differing_blocks.values())
     if ok and not os.environ.get("ULOGD_E2E_KEEP"):
         for path in (run.victim.run_dir, run.survivor.run_dir, run.disks):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[PairRun]:
+    yield from _pair_fixture("init")
 
 
 def test_survivor_checks_pass(pair: PairRun) -> None:

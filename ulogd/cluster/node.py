@@ -96,6 +96,19 @@ class CorosyncLink:
         log.warning("corosync quorum is now %s", "quorate" if change.quorate else "LOST")
         self.execute(self.server.set_quorate(change.quorate))
 
+    def describe(self) -> str:
+        """The cluster part of the daemon's status line (systemd's STATUS=)."""
+        if not self.want_quorum:
+            quorum = "quorum not required"
+        elif self.quorum is None:
+            quorum = "no quorum link (retrying)"
+        else:
+            quorum = "quorate" if self.quorum.quorate else "NOT quorate"
+        groups = len(self.handles)
+        text = f"corosync node {self.server.local_node}, {quorum}, {groups} group"
+        text += "" if groups == 1 else "s"
+        return f"{text}, {len(self.lost)} rejoining" if self.lost else text
+
     # ------------------------------------------------------------------ actions
     def perform(self, action: Join | ClusterSend | Leave) -> None:
         if isinstance(action, Join):

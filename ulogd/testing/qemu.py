@@ -40,7 +40,17 @@ virtual machine:
   the kernel command line.  ``guest/init.sh`` prepares the guest (proc/sys/tmpfs, modules,
   ``DM_DISABLE_UDEV=1``), runs ``cmd.sh`` with the run directory as working directory, writes
   its exit status to ``rc`` and powers the machine off through sysrq; QEMU runs with
-  ``-no-reboot`` and the kernel with ``panic=-1`` so it always terminates.  Scenario scripts
+  ``-no-reboot`` and the kernel with ``panic=-1`` so it always terminates.  A checkout
+  under a directory that ``init.sh`` covers with a fresh tmpfs (``/tmp``, ``/run``) is
+  mounted again on top; a guest given a run directory in which it finds no ``cmd.sh`` says
+  so and powers off at once (only a boot without a run directory gets a shell).  Run
+  directories must be inside the checkout as the guest sees it: with a ``.cache`` symlinked
+  out of the checkout they go to ``.e2e-runs/`` (:func:`runs_dir`).
+* **systemd flavour.**  ``prepare("systemd")`` builds a second root and image
+  (``sdroot-*``) with systemd and udev; its boots pass ``ulogd.init=systemd`` and
+  ``init.sh`` hands PID 1 over to systemd, which runs ``cmd.sh`` as a service
+  (``ulogd-e2e-run.service``) and powers off after it.  The default flavour's artefacts
+  and boots are unchanged.  Scenario scripts
   write structured results (``result.json``) into the run directory; the serial console is
   captured in ``console.log`` beside it.  The host enforces a wall-clock timeout and kills
   QEMU when it is exceeded.
@@ -88,8 +98,25 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "qemu"
-RUNS = CACHE / "runs"
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
+
+
+def runs_dir(repo: Path = REPO, cache: Path = CACHE) -> Path:
+    """Where run directories go: inside the checkout *as the guest sees it*.
+
+    The guest mounts only the checkout (at its host path), so a run directory must resolve
+    inside it: ``.cache/qemu/runs`` normally, ``.e2e-runs`` when ``.cache`` is a symlink
+    out of the checkout (a worktree sharing another checkout's artefacts), whose target the
+    guest cannot see.
+    """
+    runs = cache / "runs"
+    real_repo = repo.resolve()
+    if runs.resolve().is_relative_to(real_repo):
+        return runs
+    return real_repo / ".e2e-runs"
+
+
+RUNS = runs_dir()
 
 SUITE = "bookworm"
 #: Packages debootstrap adds to the minbase guest root.
@@ -104,6 +131,14 @@ GUEST_PACKAGES: tuple[str, ...] = (
     "libcpg4",
     "iproute2",
 )
+#: More packages for the systemd flavour of the guest (systemd as PID 1, udev running): a
+#: separate root and image, so that the busybox-init boots keep their own, unchanged.
+SYSTEMD_PACKAGES: tuple[str, ...] = ("systemd", "udev")
+#: guest flavours: (artefact name prefix, packages)
+FLAVOURS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "init": ("root", GUEST_PACKAGES),
+    "systemd": ("sdroot", GUEST_PACKAGES + SYSTEMD_PACKAGES),
+}
 #: Modules the initramfs loads before it can mount the root (dependencies are added).
 INITRAMFS_MODULES: tuple[str, ...] = (
     "virtio_pci",
@@ -445,22 +480,23 @@ def build_initramfs(kernel: Kernel) -> Path:
 # guest root and Python dependencies
 
 
-def build_rootfs() -> Path:
-    """debootstrap (cached) the read-only guest root."""
+def build_rootfs(flavour: str = "init") -> Path:
+    """debootstrap (cached) the read-only guest root of a flavour (see :data:`FLAVOURS`)."""
+    prefix, packages = FLAVOURS[flavour]
     mirror = debian_mirror()
-    key = _digest(SUITE, mirror, GUEST_PACKAGES, "minbase", 1)
-    final = CACHE / f"root-{key}"
-    with _build_lock("root"):
+    key = _digest(SUITE, mirror, packages, "minbase", 1)
+    final = CACHE / f"{prefix}-{key}"
+    with _build_lock(prefix):
         if (final / ".complete").exists():
             return final
         t0 = time.monotonic()
-        tmp = Path(tempfile.mkdtemp(prefix="root-", suffix=".tmp", dir=CACHE))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-", suffix=".tmp", dir=CACHE))
         try:
             _run(
                 [
                     "debootstrap",
                     "--variant=minbase",
-                    f"--include={','.join(GUEST_PACKAGES)}",
+                    f"--include={','.join(packages)}",
                     SUITE,
                     tmp,
                     mirror,
@@ -477,7 +513,7 @@ def build_rootfs() -> Path:
             raise
         _publish(tmp, final)
         log.info("guest root built in %.0f s", time.monotonic() - t0)
-        _prune("root-*", final)
+        _prune(f"{prefix}-*", final)
     return final
 
 
@@ -532,8 +568,9 @@ def build_image(root: Path, kernel: Kernel, pydeps: Path) -> Path:
     bare ``python3 -c 'import pyroute2'`` take ~45 s under TCG; a block device with the
     guest's own page cache avoids that.
     """
-    final = CACHE / f"root-{_digest(root.name, kernel.root.name, pydeps.name, 1)}.ext4"
-    with _build_lock("image"):
+    prefix = root.name.rsplit("-", 1)[0]  # one image per root flavour
+    final = CACHE / f"{prefix}-{_digest(root.name, kernel.root.name, pydeps.name, 1)}.ext4"
+    with _build_lock("image" if prefix == "root" else f"{prefix}-image"):
         if final.exists():
             return final
         t0 = time.monotonic()
@@ -560,7 +597,7 @@ def build_image(root: Path, kernel: Kernel, pydeps: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             tmp.unlink(missing_ok=True)
         log.info("root image built in %.1f s", time.monotonic() - t0)
-        _prune("root-*.ext4", final)
+        _prune(f"{prefix}-*.ext4", final)
     return final
 
 
@@ -569,15 +606,21 @@ class Artefacts:
     kernel: Kernel
     initramfs: Path
     image: Path
+    flavour: str = "init"
 
 
-def prepare() -> Artefacts:
-    """Install host tools and build (or reuse) every artefact a boot needs."""
+def prepare(flavour: str = "init") -> Artefacts:
+    """Install host tools and build (or reuse) every artefact a boot needs.
+
+    ``flavour`` "init" boots ``guest/init.sh`` as PID 1 (the default, fast); "systemd" boots
+    an image with systemd and udev, where ``guest/init.sh`` hands PID 1 over to systemd, which
+    runs the command as a service (see :func:`start_guest`).
+    """
     ensure_host_packages()
     kernel = build_kernel()
     initramfs = build_initramfs(kernel)
-    image = build_image(build_rootfs(), kernel, build_pydeps())
-    return Artefacts(kernel, initramfs, image)
+    image = build_image(build_rootfs(flavour), kernel, build_pydeps())
+    return Artefacts(kernel, initramfs, image, flavour)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,6 +671,8 @@ def kernel_cmdline(art: Artefacts, run_dir: Path | None, extra: str = "") -> str
     ]
     if run_dir is not None:
         parts.append(f"ulogd.run={run_dir}")
+    if art.flavour == "systemd":
+        parts.append("ulogd.init=systemd")
     if extra:
         parts.append(extra)
     return " ".join(parts)
@@ -825,7 +870,9 @@ def interactive(command: str | None = None, *, smp: int = 2, memory_mb: int = 20
         (run_dir / "cmd.sh").write_text(command + "\n")
     argv = qemu_argv(
         art,
-        kernel_cmdline(art, run_dir),
+        # No run directory without a command: the guest then starts a shell (given a run
+        # directory without cmd.sh, it reports that and powers off).
+        kernel_cmdline(art, run_dir if command is not None else None),
         serial=["-serial", "mon:stdio"],
         smp=smp,
         memory_mb=memory_mb,
@@ -843,11 +890,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ulogd.testing.qemu")
     parser.add_argument("action", choices=["prepare", "shell"])
     parser.add_argument("command", nargs="?")
+    parser.add_argument("--flavour", choices=sorted(FLAVOURS), default="init")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.action == "prepare":
         t0 = time.monotonic()
-        art = prepare()
+        art = prepare(args.flavour)
         print(json.dumps({k: str(v) for k, v in dataclasses.asdict(art).items()}, indent=1))
         print(f"prepared in {time.monotonic() - t0:.1f} s")
         return 0

@@ -13,6 +13,11 @@ leaves the kernel's blocked writes waiting — and its ``bind(pid=0)`` silently 
 Two listeners on group 7 race (both receive every request, the first reply wins), so the
 transport refuses to start when ``/proc/net/netlink`` already shows a connector socket
 subscribed to that group.
+
+It also refuses to start without the capabilities the kernel side demands, read from the
+``CapEff`` line of ``/proc/self/status``: CAP_NET_ADMIN to join the group, CAP_SYS_ADMIN
+because dm-log-userspace drops replies from a sender without it (a daemon lacking it would
+bind, say it is ready, and never be heard).  The unix test transport needs neither.
 """
 
 from __future__ import annotations
@@ -28,6 +33,36 @@ GROUP_BIT = 1 << (CN_IDX_DM - 1)
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 RECV_SIZE = 65536
+#: capability numbers (linux/capability.h) the kernel link needs
+REQUIRED_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
+
+
+def effective_capabilities(status_text: str) -> int:
+    """The ``CapEff`` bit mask of a ``/proc/<pid>/status`` text."""
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "CapEff":
+            return int(value.strip(), 16)
+    raise ValueError("no CapEff line in the process status")
+
+
+def missing_capabilities(cap_eff: int) -> list[str]:
+    """Names of the :data:`REQUIRED_CAPABILITIES` absent from the mask ``cap_eff``."""
+    return [name for name, bit in REQUIRED_CAPABILITIES.items() if not cap_eff >> bit & 1]
+
+
+def check_capabilities(status: Path = Path("/proc/self/status")) -> None:
+    """:class:`TransportError` naming what is missing unless this process holds them all."""
+    try:
+        missing = missing_capabilities(effective_capabilities(status.read_text()))
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot read this process's capabilities ({exc})") from exc
+    if missing:
+        raise TransportError(
+            f"missing {' and '.join(missing)}: the netlink transport needs CAP_NET_ADMIN (to "
+            "join the connector group) and CAP_SYS_ADMIN (the kernel ignores replies from a "
+            "sender without it); run ulogd as root, or add them to the unit's capability set"
+        )
 
 
 def group_listeners(proc_netlink: Path = Path("/proc/net/netlink")) -> list[int]:
@@ -54,6 +89,7 @@ class NetlinkTransport:
     name = "netlink"
 
     def __init__(self) -> None:
+        check_capabilities()
         others = group_listeners()
         if others:
             raise TransportError(

@@ -1,6 +1,12 @@
 """Two-guest cluster scenario, run in each of two QEMU guests that share the mirror's legs.
 
-``python3 pair.py --node N --role victim|survivor --uuid UUID [--budget S]``
+``python3 pair.py --node N --role victim|survivor --uuid UUID [--budget S] [--systemd]``
+
+With ``--systemd`` (the guest booted with systemd as PID 1): corosync and ulogd run under
+their units — ulogd installed the way its package installs it, with ``cluster = "corosync"``
+in its configuration file and the shipped cluster drop-in, so that ``systemctl start``
+pulls corosync in — and the survivor's recovery cycle (dmsetup suspend/resume of its mirrors)
+runs inside ulogd's unit, under its device policy and capability set.
 
 Theory of operation
 -------------------
@@ -76,6 +82,8 @@ HALF = LEG_SIZE // 2
 NET = "10.77.0"
 NODES = (1, 2)
 RUN_DIR = Path("/run/ulogd")
+#: --systemd: corosync and ulogd are run by their units (see the module docstring)
+SYSTEMD = False
 COROSYNC_DIR = Path("/run/corosync-e2e")
 #: The mirrors: name -> (log type, serials of the legs, serial of the log device).
 MIRRORS: dict[str, tuple[str, tuple[str, str], str | None]] = {
@@ -127,15 +135,77 @@ def link_up(node: int) -> str:
     return iface
 
 
-def start_corosync() -> subprocess.Popen[bytes]:
+def corosync_config() -> str:
     from ulogd.testing.corosync import corosync_conf
 
     (COROSYNC_DIR / "lib").mkdir(parents=True, exist_ok=True)
-    conf = COROSYNC_DIR / "corosync.conf"
     addrs = [f"{NET}.{n}" for n in NODES]
-    conf.write_text(corosync_conf("ulogdpair", addrs, COROSYNC_DIR, two_node=True))
+    return corosync_conf("ulogdpair", addrs, COROSYNC_DIR, two_node=True)
+
+
+def start_corosync() -> subprocess.Popen[bytes]:
+    conf = COROSYNC_DIR / "corosync.conf"
+    conf.write_text(corosync_config())
     out = open(COROSYNC_DIR / "corosync.out", "wb")  # noqa: SIM115 (lives as long as corosync)
     return subprocess.Popen(["corosync", "-f", "-c", str(conf)], stdout=out, stderr=out)
+
+
+class UnitDaemon:
+    """ulogd run by its shipped unit (``--systemd``), with what this scenario asks of
+    :class:`dmlib.Daemon`: its log (the unit's journal) and a stop with its exit status."""
+
+    def __init__(self) -> None:
+        from systemd_unit import Unit
+
+        self.unit = Unit()
+
+    def start(self, timeout: float) -> None:
+        from systemd_unit import systemctl
+
+        r = systemctl("start", self.unit.name, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"systemctl start {self.unit.name}: {r.stderr} {self.log_text()}")
+
+    def log_text(self) -> str:
+        return run(["journalctl", "-b", "-u", self.unit.name, "--no-pager", "-o", "cat"],
+                   check=False)  # fmt: skip
+
+    def stop(self) -> int | None:
+        from systemd_unit import systemctl
+
+        systemctl("stop", self.unit.name)
+        props = self.unit.show("Result", "ExecMainStatus")
+        return int(props["ExecMainStatus"]) if props.get("Result") == "success" else None
+
+
+def start_under_systemd(sc: Scenario) -> UnitDaemon:
+    """corosync's and ulogd's units, configured for the pair; ``systemctl start ulogd``
+    brings corosync up first (the cluster drop-in)."""
+    global RUN_DIR
+    from systemd_unit import PACKAGING, install_like_the_package, save_journal, systemctl
+
+    from ulogd.config import DEFAULT_PATH
+
+    daemon = UnitDaemon()
+    unit = daemon.unit
+    RUN_DIR = unit.run_dir
+    Path("/etc/corosync/corosync.conf").write_text(corosync_config())
+    Path("/etc/systemd/system/corosync.service").unlink(missing_ok=True)  # masked at boot
+    install_like_the_package(unit)
+    DEFAULT_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DEFAULT_PATH.write_text('cluster = "corosync"\nlog_level = "info"\n')
+    dropin = Path("/etc/systemd/system") / f"{unit.name}.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "cluster.conf").write_bytes((PACKAGING / "cluster.conf").read_bytes())
+    systemctl("daemon-reload")
+    try:
+        daemon.start(timeout=240)
+    finally:
+        save_journal(unit)
+    sc.equal("corosync started with ulogd (the cluster drop-in)",
+             systemctl("is-active", "corosync").stdout.strip(), "active")  # fmt: skip
+    sc.equal("ulogd's unit is active", unit.prop("ActiveState"), "active")
+    return daemon
 
 
 def quorate_with_both() -> bool:
@@ -246,20 +316,28 @@ def rate(samples: list[dict[str, Any]], start: float, end: float) -> float | Non
     return round((inside[-1]["done"] - inside[0]["done"]) / (inside[-1]["t"] - inside[0]["t"]), 1)
 
 
-def prepare(sc: Scenario, node: int, uuid: str, role: str) -> tuple[Daemon, list[Shared]]:
+def prepare(
+    sc: Scenario, node: int, uuid: str, role: str
+) -> tuple[Daemon | UnitDaemon, list[Shared]]:
     """Link, corosync, ulogd, the shared mirrors created and joined by both nodes."""
     link_up(node)
     sc.mark("link up")
-    corosync = start_corosync()
+    daemon: Daemon | UnitDaemon
+    if SYSTEMD:
+        daemon = start_under_systemd(sc)
+        sc.mark("ulogd's unit started (and corosync)")
+    else:
+        corosync = start_corosync()
+        sc.info["corosync_pid"] = corosync.pid
     sc.require("corosync quorate with both nodes", wait_for(quorate_with_both, 180, 0.5),
                (COROSYNC_DIR / "corosync.log").read_text(errors="replace")[-1500:]
                if (COROSYNC_DIR / "corosync.log").exists() else "no corosync log")  # fmt: skip
-    sc.info["corosync_pid"] = corosync.pid
     sc.mark("corosync quorate")
-    daemon = Daemon(str(RUN_DIR), ARTEFACTS / "ulogd.log", ARTEFACTS,
-                    ["--cluster", "corosync", "--log-level", "info"])  # fmt: skip
-    daemon.start(timeout=180)
-    sc.mark("ulogd ready")
+    if not SYSTEMD:
+        daemon = Daemon(str(RUN_DIR), ARTEFACTS / "ulogd.log", ARTEFACTS,
+                        ["--cluster", "corosync", "--log-level", "info"])  # fmt: skip
+        daemon.start(timeout=180)
+        sc.mark("ulogd ready")
     mirrors = shared_mirrors(uuid)
     for m in mirrors:
         if role == "survivor":
@@ -373,6 +451,12 @@ def survivor(sc: Scenario, node: int, uuid: str) -> None:
         if m.log_dev is not None:
             sc.equal(f"{m.name}: the shared disk log says all clean after remove",
                      read_disk_log(m.log_dev, REGIONS), ALL_CLEAN)  # fmt: skip
+    if SYSTEMD:
+        text = daemon.log_text()
+        sc.check("the recovery cycle ran inside ulogd's unit",
+                 all(f"suspend/resume of {m.name} to recover" in text for m in mirrors)
+                 and "recovery cycle of the local mirror failed" not in text,
+                 [ln for ln in text.splitlines() if "cycle" in ln][-6:])  # fmt: skip
     sc.equal("ulogd exits 0 on SIGTERM", daemon.stop(), 0)
     sc.equal("no Python tracebacks in the ulogd log", daemon.log_text().count("Traceback"), 0)
     sc.equal("no kernel errors", kernel_errors(dmesg(), since), [])
@@ -385,7 +469,10 @@ def main() -> int:
     parser.add_argument("--role", required=True, choices=["victim", "survivor"])
     parser.add_argument("--uuid", required=True)
     parser.add_argument("--budget", type=float, default=900)
+    parser.add_argument("--systemd", action="store_true", help="run corosync and ulogd by units")
     args = parser.parse_args()
+    global SYSTEMD
+    SYSTEMD = args.systemd
     run_dir = Path(os.environ.get("ULOGD_RUN", "."))
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     report = Report(run_dir / "result.json")
@@ -395,6 +482,11 @@ def main() -> int:
         for extra in ("corosync.log", "corosync.out"):
             with contextlib.suppress(OSError):
                 (ARTEFACTS / extra).write_bytes((COROSYNC_DIR / extra).read_bytes())
+        if SYSTEMD:
+            from systemd_unit import Unit, save_journal
+
+            with contextlib.suppress(Exception):
+                (ARTEFACTS / "ulogd.log").write_text(save_journal(Unit()))
         save_artefacts(run_dir)
         os.sync()
 
