@@ -358,6 +358,7 @@ class World:
         node = nodes[a % len(nodes)]
         vg = self.comp_of(node)
         assert vg is not None
+        self.absorb(node)  # what it answered before it died reached the kernel
         vg.kill_daemon(node, at=b)
         self.dead[node.nodeid] = (node, vg)
         # The dead daemon answers nothing more (the kernel re-sends what it still waits for).
@@ -383,6 +384,8 @@ class World:
         self.kern[node.member] = k
         self.trace.append(f"restart daemon {nodeid}")
         for seq in sorted(k.outstanding):
+            if seq not in k.outstanding:
+                continue  # (answered: a re-sent request's submit read the answers in)
             self.abandoned.add((id(node), seq))
             rtype, data = k.outstanding.pop(seq)
             k.seen.add(seq)
