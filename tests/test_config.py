@@ -234,6 +234,11 @@ def test_the_file_of_the_old_name_is_read_when_the_new_one_is_absent(
     s = config.resolve(None, {})
     assert s.cluster == "corosync" and s.source == str(old)
     new.parent.mkdir()
-    new.write_text('cluster = "off"\n')
+    new.write_text("# every key commented, as the package installs it\n")
+    with pytest.raises(ConfigError, match=r"differs from .*dm-ulogd\.toml: move its settings"):
+        config.resolve(None, {})  # a guess could serve clustered logs with cluster off
+    new.write_text('cluster = "corosync"  # moved\n')
     s = config.resolve(None, {})
-    assert s.cluster == "off" and s.source == str(new)  # the new name wins once it exists
+    assert s.cluster == "corosync" and s.source == str(new)  # the same settings: the new file
+    old.unlink()
+    assert config.resolve(None, {}).source == str(new)

@@ -233,6 +233,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             config.PREVIOUS_PATH,
             config.DEFAULT_PATH,
         )
+    elif args.config is None and config.PREVIOUS_PATH.exists():
+        log.warning(
+            "%s (ulogd's old name) says what %s says and is no longer needed: remove it",
+            config.PREVIOUS_PATH,
+            config.DEFAULT_PATH,
+        )
     ready_fd = None if args.foreground else _detach()
     try:
         daemon = _build_daemon(args)

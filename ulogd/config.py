@@ -285,13 +285,26 @@ def resolve(config: str | None, overrides: dict[str, Any]) -> Settings:
 
     Without ``--config``, :data:`DEFAULT_PATH` is read if it exists, else the file of the old
     name (:data:`PREVIOUS_PATH`) if that exists: an upgraded node keeps its cluster mode
-    (``settings.source`` says which file; the daemon logs a warning about the old one).
+    (``settings.source`` says which file; the daemon logs a warning about the old one).  When
+    both exist and say different things (the package installed its commented example beside
+    the operator's old file) the start is refused: guessing could bring a clustered node back
+    with ``cluster = "off"``.
     """
     settings = Settings()
     if config is not None:
         settings = load(config)
     elif DEFAULT_PATH.exists():
         settings = load(DEFAULT_PATH)
+        if PREVIOUS_PATH.exists():
+            previous = load(PREVIOUS_PATH)
+            if replace(previous, source=None) != replace(settings, source=None):
+                raise ConfigError(
+                    PREVIOUS_PATH,
+                    None,
+                    "",
+                    f"the configuration of ulogd's old name differs from {DEFAULT_PATH}: move "
+                    f"its settings to {DEFAULT_PATH} and remove it",
+                )
     elif PREVIOUS_PATH.exists():
         settings = load(PREVIOUS_PATH)
     return merge(settings, overrides)
