@@ -66,7 +66,6 @@ from typing import Protocol
 from bitarray import bitarray
 
 __all__ = [
-    "endian_of",
     "BITMAP_OFFSET",
     "CHUNK_BYTES",
     "CHUNK_REGIONS",
@@ -81,6 +80,7 @@ __all__ = [
     "MemoryDiskLog",
     "bitmap_len",
     "check_device_size",
+    "endian_of",
     "io_size",
     "parse_image",
     "plan_write",
