@@ -75,7 +75,7 @@ REGIONS = SECTORS // REGION  # 128
 HALF = LEG_SIZE // 2
 NET = "10.77.0"
 NODES = (1, 2)
-RUN_DIR = Path("/run/ulogd")
+RUN_DIR = Path("/run/dm-ulogd")
 COROSYNC_DIR = Path("/run/corosync-e2e")
 #: The mirrors: name -> (log type, serials of the legs, serial of the log device).
 MIRRORS: dict[str, tuple[str, tuple[str, str], str | None]] = {
