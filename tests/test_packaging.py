@@ -75,11 +75,13 @@ def unit_values(key: str) -> list[str]:
 
 def test_unit_verifies(tmp_path: Path) -> None:
     analyze = ensure("systemd-analyze", "systemd")
-    # verify checks that ExecStart= exists: point it at this checkout's entry point.
+    # verify checks that ExecStart= exists: point it at this interpreter's entry point (the
+    # venv's, or /usr/bin's when installed), else at "python3 -m ulogd" (a package build).
     entry = Path(sys.executable).parent / "dm-ulogd"
-    assert entry.exists()
+    command = str(entry) if entry.exists() else f"{sys.executable} -m ulogd"
     unit = tmp_path / "dm-ulogd.service"
-    unit.write_text(UNIT.read_text().replace("/usr/bin/dm-ulogd", str(entry)))
+    unit.write_text(UNIT.read_text().replace("/usr/bin/dm-ulogd", command))
+    assert command in unit.read_text()
     result = subprocess.run(
         [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True
     )

@@ -1056,8 +1056,17 @@ def run_cli(args: argparse.Namespace) -> int:
         format="  | %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    quiet = logging.getLogger("ulogd")
+    level = quiet.level
     if not args.verbose:
-        logging.getLogger("ulogd").setLevel(logging.CRITICAL)
+        quiet.setLevel(logging.CRITICAL)
+    try:
+        return _run_cli(args)
+    finally:
+        quiet.setLevel(level)  # called in-process too (tests): leave logging as it was
+
+
+def _run_cli(args: argparse.Namespace) -> int:
     try:
         until = parse_until(args.until) if args.until else None
     except ValueError as exc:
