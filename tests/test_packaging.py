@@ -299,7 +299,8 @@ def test_debian_package_builds(tmp_path: Path) -> None:
     ):
         ensure(command, package)
     for package in (
-        *("pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "python3-shtab"),
+        *("pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "python3-wheel"),
+        "python3-shtab",
         *("python3-bitarray", "python3-cffi", "python3-prometheus-client"),
         *("python3-pytest", "python3-hypothesis"),
     ):
