@@ -53,7 +53,7 @@ def fetch(run_dir: str | os.PathLike[str], timeout: float = 10.0) -> dict[str, A
     except FileNotFoundError:
         raise StatusError(
             f"no ulogd control socket at {path}: is the daemon running "
-            "(systemctl status ulogd) with this --run-dir?",
+            "(systemctl status dm-ulogd) with this --run-dir?",
             EXIT_NO_DAEMON,
         ) from None
     except ConnectionRefusedError:
