@@ -1,4 +1,4 @@
-"""How fast ``ulogd replay`` goes: captured requests replayed per second.
+"""How fast ``dm-ulogd replay`` goes: captured requests replayed per second.
 
 Run: ``.venv/bin/python bench/replay_speed.py [--requests N] [--rounds R] [FILE ...]``.
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results
     ]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    print(f"ulogd replay speed (best of {args.rounds}; python {platform.python_version()})")
+    print(f"dm-ulogd replay speed (best of {args.rounds}; python {platform.python_version()})")
     for row in [head, *rows]:
         print(
             "  ".join(

@@ -6,7 +6,7 @@
 #   sh captures/scenarios.sh OUTDIR SCENARIO...
 #
 # SCENARIO is one of: lifecycle, integrated-flush, restart, clustered-disk.  Each one starts
-# `ulogd run --capture` on the real netlink transport, drives a small mirror through dmsetup
+# `dm-ulogd run --capture` on the real netlink transport, drives a small mirror through dmsetup
 # and writes <scenario>.pcapng (restart: restart-1.pcapng and restart-2.pcapng) plus the
 # daemon's log (<name>.log) and the commands' output (<scenario>.steps) into OUTDIR.
 # Captures are written to tmpfs first and copied to OUTDIR at the end (9p is slow).

@@ -63,7 +63,7 @@ def seeds() -> dict[str, list[bytes]]:
         bits = new_bitmaps(ctr.parse(f"{max(count, 1) * 8} core 8 nosync".encode()))[0]
         disklog.write_image(store, bits, count)  # type: ignore[arg-type]
         out["disklog"].append(struct.pack("<H", count) + bytes(store.data))
-    out["config"].append((ROOT / "packaging" / "ulogd.toml").read_bytes())
+    out["config"].append((ROOT / "packaging" / "dm-ulogd.toml").read_bytes())
     out["config"].append(b'run_dir = "/tmp/x"\nnode_id = 3\ncluster = "corosync"\n'
                          b'[corosync]\nexpected_nodes = 3\n[metrics]\nlisten = "[::1]:9813"\n')
     with tempfile.TemporaryDirectory() as tmp:

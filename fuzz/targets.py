@@ -364,7 +364,7 @@ def _scratch_dir() -> Path:
 
 def check_config(data: bytes) -> None:
     """``config.load``: ConfigError only; accepted settings are in range."""
-    path = _scratch_dir() / "ulogd.toml"
+    path = _scratch_dir() / "dm-ulogd.toml"
     path.write_bytes(data)
     try:
         settings = config.load(path)

@@ -13,9 +13,9 @@ from ulogd.config import ConfigError, Settings
 
 FULL = """\
 # ulogd configuration
-run_dir = "/run/ulogd-test"
+run_dir = "/run/dm-ulogd-test"
 log_level = "debug"
-capture = "/var/lib/ulogd/capture.pcapng"
+capture = "/var/lib/dm-ulogd/capture.pcapng"
 transport = "unix:/tmp/ulogd.sock"
 node_id = 3
 cluster = "corosync"
@@ -30,7 +30,7 @@ listen = "127.0.0.1:9813"
 
 
 def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "ulogd.toml"
+    path = tmp_path / "dm-ulogd.toml"
     path.write_text(text)
     return path
 
@@ -43,22 +43,22 @@ def error_of(tmp_path: Path, text: str) -> ConfigError:
 
 def test_full_file(tmp_path: Path) -> None:
     s = config.load(write(tmp_path, FULL))
-    assert s.run_dir == Path("/run/ulogd-test")
+    assert s.run_dir == Path("/run/dm-ulogd-test")
     assert s.log_level == "debug"
-    assert s.capture == "/var/lib/ulogd/capture.pcapng"
+    assert s.capture == "/var/lib/dm-ulogd/capture.pcapng"
     assert s.transport == "unix:/tmp/ulogd.sock"
     assert s.node_id == 3
     assert s.cluster == "corosync"
     assert s.expected_nodes == 3
     assert s.require_quorum is False
     assert s.metrics_listen == "127.0.0.1:9813"
-    assert s.source == str(tmp_path / "ulogd.toml")
+    assert s.source == str(tmp_path / "dm-ulogd.toml")
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     s = config.load(write(tmp_path, "# nothing\n"))
-    assert s == Settings(source=str(tmp_path / "ulogd.toml"))
-    assert s.run_dir == Path("/run/ulogd") and s.metrics_listen is None and s.cluster == "off"
+    assert s == Settings(source=str(tmp_path / "dm-ulogd.toml"))
+    assert s.run_dir == Path("/run/dm-ulogd") and s.metrics_listen is None and s.cluster == "off"
 
 
 def test_empty_strings_mean_off(tmp_path: Path) -> None:
@@ -107,18 +107,18 @@ def test_errors_name_line_and_key(
     assert err.line == line
     assert err.key == key
     assert reason in err.reason
-    assert str(err).startswith(f"{tmp_path / 'ulogd.toml'}:{line}: {key}: ")
+    assert str(err).startswith(f"{tmp_path / 'dm-ulogd.toml'}:{line}: {key}: ")
 
 
 def test_syntax_error_names_the_line(tmp_path: Path) -> None:
-    err = error_of(tmp_path, 'run_dir = "/run/ulogd"\nlog_level = info\n')
+    err = error_of(tmp_path, 'run_dir = "/run/dm-ulogd"\nlog_level = info\n')
     assert err.line == 2
     assert "TOML syntax" in str(err)
-    assert str(err).startswith(f"{tmp_path / 'ulogd.toml'}:2: ")
+    assert str(err).startswith(f"{tmp_path / 'dm-ulogd.toml'}:2: ")
 
 
 def test_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "ulogd.toml"
+    path = tmp_path / "dm-ulogd.toml"
     path.write_bytes(b'run_dir = "/run"\n# caf\xe9\n')
     with pytest.raises(ConfigError) as info:
         config.load(path)
@@ -167,3 +167,78 @@ def test_run_flag_overrides_bad_value_check(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "not a loopback address" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("node_id", -1, "--node-id: -1 is outside 0..4294967295"),
+        ("transport", "tcp:x", "--transport: 'tcp:x' is neither 'netlink' nor"),
+        ("run_dir", Path("relative/run"), "--run-dir: must be an absolute path"),
+        ("capture", "capture.pcapng", "--capture: must be an absolute path"),
+        ("metrics_listen", "10.0.0.1:9813", "--metrics-listen: 10.0.0.1 is not a loopback"),
+    ],
+)
+def test_flags_get_the_checks_the_file_gets(flag: str, value: object, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.merge(Settings(), {flag: value})
+    assert str(info.value).startswith(f"command line: {words}"), str(info.value)
+
+
+def test_valid_flags_override_the_file(tmp_path: Path) -> None:
+    base = config.load(write(tmp_path, FULL))
+    s = config.merge(base, {"node_id": 7, "run_dir": Path("/run/x"), "transport": "netlink"})
+    assert (s.node_id, s.run_dir, s.transport) == (7, Path("/run/x"), "netlink")
+    assert s.log_level == "debug"  # not given: the file's value stays
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--node-id", "-1"], "command line: --node-id: -1 is outside"),
+        (["--transport", "tcp:x"], "command line: --transport: 'tcp:x'"),
+    ],
+)
+def test_run_refuses_a_bad_flag_like_a_bad_file(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    """A bad flag and the same bad value in the file both stop ``run`` with status 2 before
+    anything is created."""
+    path = write(tmp_path, "")
+    result = subprocess.run(
+        [sys.executable, "-m", "ulogd", "run", "-f", "--config", str(path),
+         "--run-dir", str(tmp_path / "run"), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"dm-ulogd: configuration: {words}"), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    in_file = write(tmp_path, "node_id = -1\n" if "--node-id" in args else 'transport = "tcp:x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "ulogd", "run", "-f", "--config", str(in_file),
+         "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and f"{in_file}:1:" in result.stderr
+
+
+def test_the_file_of_the_old_name_is_read_when_the_new_one_is_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new, old = tmp_path / "dm-ulogd/dm-ulogd.toml", tmp_path / "ulogd/ulogd.toml"
+    old.parent.mkdir()
+    old.write_text('cluster = "corosync"\n')
+    monkeypatch.setattr(config, "DEFAULT_PATH", new)
+    monkeypatch.setattr(config, "PREVIOUS_PATH", old)
+    s = config.resolve(None, {})
+    assert s.cluster == "corosync" and s.source == str(old)
+    new.parent.mkdir()
+    new.write_text("# every key commented, as the package installs it\n")
+    with pytest.raises(ConfigError, match=r"differs from .*dm-ulogd\.toml: move its settings"):
+        config.resolve(None, {})  # a guess could serve clustered logs with cluster off
+    new.write_text('cluster = "corosync"  # moved\n')
+    s = config.resolve(None, {})
+    assert s.cluster == "corosync" and s.source == str(new)  # the same settings: the new file
+    old.unlink()
+    assert config.resolve(None, {}).source == str(new)

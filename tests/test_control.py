@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (setuid to
 
 
 class DaemonProcess:
-    """A ``ulogd run -f`` child process on the unix test transport."""
+    """A ``dm-ulogd run -f`` child process on the unix test transport."""
 
     def __init__(self, base: Path, *extra: str, run_dir: Path | None = None) -> None:
         self.base = base

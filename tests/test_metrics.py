@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -198,3 +199,36 @@ def test_status_json_is_not_metrics(served: DaemonProcess) -> None:
         m["ulogd_log_regions_in_sync"], "ulogd_log_regions_in_sync", uuid=UUID
     )
     json.dumps(snap)  # JSON-serialisable as is
+
+
+ALERTS = Path(__file__).resolve().parent.parent / "docs" / "prometheus-alerts.yml"
+
+
+def test_example_alerts_name_only_series_the_daemon_exports(served: DaemonProcess) -> None:
+    """Every ulogd_* series and label the example rules use is in a real daemon's exposition
+    (a renamed metric would leave an alert that never fires)."""
+    families = parse(served.request("metrics")["text"])
+    samples = [s for family in families.values() for s in family]
+    # A family without samples yet (no rejected datagram, no orphan) still counts.
+    exported = {s.name for s in samples} | {
+        name + suffix for name in families for suffix in ("", "_total")
+    }
+    labels = {k for s in samples for k in s.labels} | {"instance", "job", "le", "reason", "node"}
+    text = ALERTS.read_text()
+    used = set(re.findall(r"\bulogd_[a-z_]+", text))
+    assert used and used <= exported, used - exported
+    for group in re.findall(r"\b(?:by|on) \(([^)]*)\)", text):
+        names = {n.strip() for n in group.split(",")}
+        assert names <= labels, names - labels
+    assert text.count("- alert:") == len(set(re.findall(r"- alert: (\w+)", text)))
+
+
+@pytest.mark.slow
+def test_example_alerts_pass_promtool() -> None:
+    from tests.test_packaging import ensure
+
+    promtool = ensure("promtool", "prometheus")
+    result = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 9 rules found" in result.stdout, result.stdout

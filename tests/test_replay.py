@@ -1,4 +1,4 @@
-"""ulogd replay: dry-run a capture through a fresh server and compare the answers."""
+"""dm-ulogd replay: dry-run a capture through a fresh server and compare the answers."""
 
 from __future__ import annotations
 
@@ -247,14 +247,16 @@ def test_truncated_file_names_the_packet(
     [
         (b"", "empty file"),
         (b"GET / HTTP/1.1\r\n\r\n", "not a pcap or pcapng file"),
-        (None, "cannot read"),
+        (b"directory", "cannot read"),
     ],
 )
 def test_unreadable_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, expected: str
 ) -> None:
     path = tmp_path / "bad.pcapng"
-    if content is not None:
+    if content == b"directory":
+        path.mkdir()
+    else:
         path.write_bytes(content)
     status, out, err = run_cli(str(path), "--json", capsys=capsys)
     assert status == replay.EXIT_UNREADABLE
@@ -263,6 +265,18 @@ def test_unreadable_files(
     doc = json.loads(out)
     assert doc["exit_status"] == replay.EXIT_UNREADABLE
     assert expected in doc["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_missing_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: list[str]
+) -> None:
+    cap = record(tmp_path / "life.pcapng", lifecycle)
+    missing = tmp_path / "nope.pcapng"
+    status, out, err = run_cli(str(cap), str(missing), *fmt, capsys=capsys)
+    assert status == replay.EXIT_UNREADABLE
+    assert out == ""
+    assert err == f"dm-ulogd replay: {missing}: no such file\n"
 
 
 def test_cli_subprocess_never_tracebacks_on_garbage(tmp_path: Path) -> None:
@@ -524,6 +538,21 @@ def test_until_and_log_filters(tmp_path: Path, capsys: pytest.CaptureFixture[str
     doc = json.loads(out)
     assert status == 0 and doc["replayed"] == 10 and doc["totals"]["match"] == 10
     assert doc["counts"]["CTR"]["match"] == 1
+
+
+def test_log_filter_matching_nothing_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cap = record(tmp_path / "life.pcapng", lifecycle)
+    report = replay.replay([cap], log_filter="LVM-not-there")
+    assert report.replayed == 0 and report.nothing_matched
+    assert report.exit_status == replay.EXIT_NO_MATCH
+    status, out, _ = run_cli(str(cap), "--log", "LVM-not-there", capsys=capsys)
+    assert status == replay.EXIT_NO_MATCH
+    assert out.splitlines()[-1] == "RESULT: nothing compared: no log matches --log 'LVM-not-there'"
+    assert "RESULT: OK" not in out
+    status, out, _ = run_cli(str(cap), "--log", "LVM-not-there", "--json", capsys=capsys)
+    assert status == json.loads(out)["exit_status"] == replay.EXIT_NO_MATCH
 
 
 def test_parse_until() -> None:

@@ -1,4 +1,4 @@
-"""``ulogd status`` against a real daemon process serving real requests (unix transport), and
+"""``dm-ulogd status`` against a real daemon process serving real requests (unix transport), and
 the renderers on their own."""
 
 from __future__ import annotations
@@ -87,14 +87,32 @@ def test_table_shows_every_log(served: DaemonProcess) -> None:
     header = next(line for line in lines if line.startswith("UUID"))
     for column in ("LUID", "TYPE", "REGIONS", "IN SYNC", "MARKED", "RECOVERING", "MEMBERS"):
         assert column in header
-    row_a = next(line for line in lines if line.startswith(UUID_A))
+    # LVM's 72-character uuids are shown as prefix and last eight characters; no dm device
+    # uses these logs ("-", or "?" where dmsetup cannot be asked).
+    row_a = next(line for line in lines if line.startswith("LVM-...AAAA0001 "))
     assert re.search(
-        r"\b0x1000\s+clustered-core\s+128\s+512KiB\s+37/128 \(28\.9%\)\s+3\s+37@0"
-        r"\s+active\s+-\s+0\s+0$",
+        r"^LVM-\.\.\.AAAA0001\s+[-?]\s+0x1000\s+clustered-core\s+128\s+512KiB"
+        r"\s+37/128 \(28\.9%\)\s+3\s+37@0\s+active\s+-\s+0\s+0$",
         row_a,
     ), row_a
-    row_b = next(line for line in lines if line.startswith(UUID_B))
+    row_b = next(line for line in lines if line.startswith("LVM-...BBBB0002 "))
     assert "64/64 (100.0%)" in row_b and "suspended" in row_b
+    assert UUID_A not in result.stdout
+
+
+def test_wide_table_shows_whole_uuids(served: DaemonProcess) -> None:
+    result = cli("status", "--wide", "--run-dir", str(served.run_dir))
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith(UUID_A + " ") for line in result.stdout.splitlines())
+    assert "LVM-...AAAA0001" not in result.stdout
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_watch_count_must_be_positive(served: DaemonProcess, count: str) -> None:
+    result = cli("status", "-w", "--count", count, "--run-dir", str(served.run_dir))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "dm-ulogd status: --count must be at least 1\n"
 
 
 def test_watch_draws_a_progress_bar(served: DaemonProcess) -> None:
@@ -128,7 +146,7 @@ def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_run_dir_from_config(served: DaemonProcess, tmp_path: Path) -> None:
-    conf = tmp_path / "ulogd.toml"
+    conf = tmp_path / "dm-ulogd.toml"
     conf.write_text(f'run_dir = "{served.run_dir}"\n')
     result = cli("status", "--json", "--config", str(conf))
     assert result.returncode == 0, result.stderr
@@ -175,7 +193,7 @@ def test_disk_log_health_and_last_error(tmp_path: Path) -> None:
             assert "unavailable" in entry["last_error"]["message"]
             table = cli("status", "--run-dir", str(d.run_dir)).stdout
             assert "(D)" in table
-            assert f"{UUID_A}: last error" in table
+            assert f"{status.short_uuid(UUID_A)}: last error" in table
     finally:
         if not detached:
             subprocess.run(["losetup", "-d", loop], check=False)
@@ -268,3 +286,37 @@ def test_cluster_group_shown() -> None:
     snap["logs"][0].update(info)
     assert "group valid" in status.render_watch(snap, None, 1.0)
     assert status.render_table(snap).splitlines()[-1].endswith("1       1,3")
+
+
+def test_short_uuids() -> None:
+    assert status.short_uuid("LVM-" + "x" * 56 + "a1b2c3d4") == "LVM-...a1b2c3d4"
+    assert status.short_uuid("ulogd-" + "0" * 24 + "deadbeef") == "ulogd-...deadbeef"
+    assert status.short_uuid("0123456789abcdef0123456789") == "0123...23456789"
+    assert status.short_uuid("ulogd-mirr0") == "ulogd-mirr0"  # short: whole
+
+
+DMSETUP_TABLE = """\
+vg-lv_mlog: 0 8192 linear 8:16 2048
+mirr0: 0 131072 mirror userspace 4 LVM-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa11111111 clustered-core \
+1024 nosync 2 7:0 0 7:1 0 1 handle_errors
+mirr1: 0 131072 mirror userspace 4 LVM-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa11111111 integrated_flush \
+clustered-core 1024 2 7:2 0 7:3 0
+other: 0 2048 mirror core 1 1024 2 7:4 0 7:5 0
+""".replace("\\\n", "")
+
+
+def test_device_names_from_dmsetup_tables() -> None:
+    uuid = "LVM-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa11111111"
+    devices = status.parse_dm_tables(DMSETUP_TABLE)
+    assert devices == {uuid: ["mirr0", "mirr1"]}
+    snap = _snapshot(50)
+    snap["logs"][0]["uuid"] = uuid
+    row = status.render_table(snap, devices).splitlines()[-1]
+    assert row.startswith("LVM-...11111111  mirr0,mirr1  0x1 ")
+    wide = status.render_table(snap, devices, wide=True).splitlines()[-1]
+    assert wide.startswith(uuid + " ")
+    assert len(wide) - len(row) == len(uuid) - len("LVM-...11111111")
+    assert status.render_table(snap, {}).splitlines()[-1].split()[1] == "-"
+    assert status.render_table(snap, None).splitlines()[-1].split()[1] == "?"
+    screen = status.render_watch(snap, None, 1.0, devices=devices)
+    assert "LVM-...11111111 0x1  dev mirr0,mirr1" in screen

@@ -1,9 +1,10 @@
-"""``ulogd table``: mirror table lines with a userspace log, checked word by word against the
+"""``dm-ulogd table``: mirror table lines with a userspace log, checked word by word against the
 lines that a real kernel accepted (``shared/reference/kernel-in-qemu.md``, "Table syntax that
 worked"), and ``--create`` through a stand-in dmsetup."""
 
 from __future__ import annotations
 
+import argparse
 import stat
 import subprocess
 import sys
@@ -186,3 +187,36 @@ def test_cli_create_reports_dmsetup_failure(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "dm-log-userspace" in result.stderr
 
+
+
+def test_maj_min_legs_sized_from_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for dev, size in (("7:0", "131072\n"), ("7:1", "262144\n")):
+        (tmp_path / dev).mkdir()
+        (tmp_path / dev / "size").write_text(size)
+    monkeypatch.setattr(tablegen, "SYS_DEV_BLOCK", str(tmp_path))
+    args = build_args("7:0", "7:1:2048", "--uuid", "U")
+    assert tablegen.spec_from_args(args).sectors == 131072  # 7:1 less 2048 is larger
+    args = build_args("7:0", "7:2", "--uuid", "U")
+    with pytest.raises(TableError, match=r"leg 7:2 \(No such file or directory\): give --size"):
+        tablegen.spec_from_args(args)
+
+
+def build_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    tablegen.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_maj_min_leg_of_this_machine() -> None:
+    """The real /sys/dev/block: a MAJ:MIN leg's size is the kernel's."""
+    sized = [
+        d.name for d in sorted(Path("/sys/dev/block").glob("*:*"))
+        if int((d / "size").read_text()) >= 4096
+    ]  # fmt: skip
+    if not sized:
+        pytest.skip("no block device of 2 MiB or more on this machine")
+    dev = sized[0]
+    sectors = int((Path("/sys/dev/block") / dev / "size").read_text())
+    result = run(dev, dev, "--uuid", "U", "-r", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"0 {sectors} mirror userspace 3 U clustered-core 8 2 {dev} 0")

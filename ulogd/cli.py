@@ -1,4 +1,4 @@
-"""Command line: ``ulogd run`` and friends (argument parsing and process set-up only)."""
+"""Command line: ``dm-ulogd run`` and friends (argument parsing and process set-up only)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 
 from ulogd import __version__, wire
 
-DEFAULT_RUN_DIR = "/run/ulogd"
+#: The installed command (not "ulogd": that is netfilter's logging daemon on root's PATH).
+PROG = "dm-ulogd"
+DEFAULT_RUN_DIR = "/run/dm-ulogd"
 EXIT_USAGE = 2
 EXIT_SETUP = 3
 
@@ -20,10 +22,10 @@ log = logging.getLogger("ulogd")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ulogd",
+        prog=PROG,
         description="Userspace dirty-log server for device-mapper mirrors (dm-log-userspace).",
     )
-    parser.add_argument("--version", action="version", version=f"ulogd {__version__}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="serve the kernel's dm-log-userspace requests")
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML configuration (default /etc/ulogd/ulogd.toml if it exists); flags override it",
+        help="TOML configuration (default /etc/dm-ulogd/dm-ulogd.toml if it exists); flags "
+        "override it",
     )
     run.add_argument(
         "--run-dir",
@@ -99,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=1.0, help="seconds between redraws (default 1)"
     )
     status.add_argument("--count", type=int, default=None, help="stop after this many redraws")
+    status.add_argument(
+        "--wide", action="store_true", help="show whole uuids (default: LVM-...a1b2c3d4)"
+    )
 
     from ulogd import tablegen
 
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="dry-run a capture through this ulogd and compare its answers",
             description="Feed every recorded kernel request to a fresh ulogd core and compare "
             "each answer with the recorded one.  Exit status: 0 all agree, 1 mismatch, "
-            "4 capture unreadable.",
+            "4 capture unreadable or missing, 5 --log matched no log.",
         )
     )
     return parser
@@ -157,12 +163,12 @@ def setup_logging(level: str, foreground: bool) -> None:
         handler.setFormatter(_JournalFormatter("%(levelname)s: %(message)s"))
     elif foreground or not os.path.exists("/dev/log"):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s ulogd %(levelname)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {PROG} %(levelname)s: %(message)s"))
     else:
         from logging.handlers import SysLogHandler
 
         handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(logging.Formatter("ulogd[%(process)d]: %(levelname)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(levelname)s: %(message)s"))
     root.handlers[:] = [handler]
 
 
@@ -193,12 +199,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             run_dir = config.resolve(args.config, {}).run_dir
         except config.ConfigError as exc:
-            print(f"ulogd status: configuration: {exc}", file=sys.stderr)
+            print(f"dm-ulogd status: configuration: {exc}", file=sys.stderr)
             return EXIT_USAGE
     if args.interval <= 0:
-        print("ulogd status: --interval must be positive", file=sys.stderr)
+        print("dm-ulogd status: --interval must be positive", file=sys.stderr)
         return EXIT_USAGE
-    return status.main(str(run_dir), args.json, args.watch, args.interval, args.count)
+    if args.count is not None and args.count < 1:
+        print("dm-ulogd status: --count must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    return status.main(str(run_dir), args.json, args.watch, args.interval, args.count, args.wide)
 
 
 _SETTINGS = ("run_dir", "log_level", "capture", "transport", "node_id", "cluster", "metrics_listen")
@@ -212,12 +221,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         if settings.metrics_listen:
             config.parse_listen(settings.metrics_listen)
     except (config.ConfigError, ValueError) as exc:
-        print(f"ulogd: configuration: {exc}", file=sys.stderr)
+        print(f"{PROG}: configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for name in _SETTINGS:
         setattr(args, name, getattr(settings, name))
     args.settings = settings
     setup_logging(args.log_level, args.foreground)
+    if settings.source == str(config.PREVIOUS_PATH):
+        log.warning(
+            "read %s, the configuration file of ulogd's old name: move it to %s",
+            config.PREVIOUS_PATH,
+            config.DEFAULT_PATH,
+        )
+    elif args.config is None and config.PREVIOUS_PATH.exists():
+        log.warning(
+            "%s (ulogd's old name) says what %s says and is no longer needed: remove it",
+            config.PREVIOUS_PATH,
+            config.DEFAULT_PATH,
+        )
     ready_fd = None if args.foreground else _detach()
     try:
         daemon = _build_daemon(args)
@@ -232,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from ulogd import blockdev, disklog
+    from ulogd import blockdev, config, disklog, statefile
     from ulogd.daemon import Daemon
     from ulogd.server import DeviceError, LogDevice, Server
     from ulogd.statefile import StateDir
@@ -242,6 +263,16 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     run_dir: Path = args.run_dir
     _make_run_dir(run_dir)
     node_dir = run_dir / "dev"
+    if run_dir == config.DEFAULT_RUN_DIR:
+        # An upgrade across the rename with mirrors loaded: continue from the old run dir.
+        imported = statefile.import_previous(config.PREVIOUS_RUN_DIR / "logs", run_dir / "logs")
+        if imported:
+            log.warning(
+                "imported %d log state file(s) from %s (the run directory of ulogd's old name); "
+                "it is no longer used and can be removed",
+                imported,
+                config.PREVIOUS_RUN_DIR,
+            )
 
     def open_device(arg: str) -> LogDevice:
         try:
@@ -283,7 +314,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         daemon.lock_run_dir()
         from ulogd.control import attach_services
 
-        # Before restore(), so that errors about restored logs reach ``ulogd status``.
+        # Before restore(), so that errors about restored logs reach ``dm-ulogd status``.
         attach_services(daemon, run_dir, getattr(args, "settings", None))
         assert server.state_dir is not None
         rejoins = server.restore(server.state_dir.load_all())
@@ -338,7 +369,7 @@ def _detach() -> int:
             message = pipe.read().strip()
         if message == "ready":
             os._exit(0)
-        print(f"ulogd: {message or 'the daemon exited during start-up'}", file=sys.stderr)
+        print(f"{PROG}: {message or 'the daemon exited during start-up'}", file=sys.stderr)
         os._exit(EXIT_SETUP)
     os.close(read_end)
     os.setsid()

@@ -1,8 +1,8 @@
-"""The configuration file (TOML, ``/etc/ulogd/ulogd.toml``) and how it meets the command line.
+"""The configuration file (TOML, ``/etc/dm-ulogd/dm-ulogd.toml``) and how it meets the command line.
 
 Theory of operation
 -------------------
-The file is optional.  ``ulogd run`` reads ``--config FILE`` when given (a missing file is then
+The file is optional.  ``dm-ulogd run`` reads ``--config FILE`` when given (a missing file is then
 an error), otherwise :data:`DEFAULT_PATH` if it exists.  Every value has a built-in default
 (:class:`Settings`); the file overrides the defaults and a command-line flag overrides the file.
 The parser defines its ``run`` flags with ``default=None`` so that :func:`merge` can tell a flag
@@ -10,13 +10,13 @@ the operator typed from one left alone.
 
 The schema is small and closed: an unknown key or table, a value of the wrong type or out of
 range is refused, and the error names the file, the line and the dotted key
-(``/etc/ulogd/ulogd.toml:7: metrics.listen: ...``) — ``tomllib`` reports syntax errors with a
+(``/etc/dm-ulogd/dm-ulogd.toml:7: metrics.listen: ...``) — ``tomllib`` reports syntax errors with a
 line but knows nothing of meaning, so :func:`_key_lines` finds each key's line with a small
 line scanner (enough for the flat tables this file uses)::
 
-    run_dir   = "/run/ulogd"       # tmpfs: live state must not outlive a reboot
+    run_dir   = "/run/dm-ulogd"       # tmpfs: live state must not outlive a reboot
     log_level = "info"             # debug | info | warning | error
-    capture   = "/var/lib/ulogd/capture.pcapng"   # optional
+    capture   = "/var/lib/dm-ulogd/capture.pcapng"   # optional
     transport = "netlink"          # or "unix:PATH" (tests)
     node_id   = 0
     cluster   = "off"              # off | corosync
@@ -35,12 +35,16 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PATH = Path("/etc/ulogd/ulogd.toml")
-DEFAULT_RUN_DIR = Path("/run/ulogd")
+DEFAULT_PATH = Path("/etc/dm-ulogd/dm-ulogd.toml")
+DEFAULT_RUN_DIR = Path("/run/dm-ulogd")
+#: Where the file and the live state were up to 0.1.0, before the rename to dm-ulogd: read
+#: (never written) by a daemon that finds nothing under the new names; see docs/operations.rst.
+PREVIOUS_PATH = Path("/etc/ulogd/ulogd.toml")
+PREVIOUS_RUN_DIR = Path("/run/ulogd")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CLUSTER_MODES = ("off", "corosync")
 
@@ -59,7 +63,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything ``ulogd run`` can be told, with its built-in defaults."""
+    """Everything ``dm-ulogd run`` can be told, with its built-in defaults."""
 
     run_dir: Path = DEFAULT_RUN_DIR
     log_level: str = "info"
@@ -175,6 +179,8 @@ _SCHEMA: dict[str, tuple[str, Any]] = {
     "metrics.listen": ("metrics_listen", _listen),
 }
 _TABLES = {key.split(".")[0] for key in _SCHEMA if "." in key}
+#: Settings field → (dotted key, check): the command line's flags use the file's checks.
+_BY_FIELD = {name: (key, check) for key, (name, check) in _SCHEMA.items()}
 
 _HEADER = re.compile(r"\s*\[\s*([A-Za-z0-9_.\-\s\"]+?)\s*\]\s*(#.*)?$")
 _ASSIGN = re.compile(r"\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
@@ -257,19 +263,48 @@ def from_document(
 
 
 def merge(settings: Settings, overrides: dict[str, Any]) -> Settings:
-    """Apply command-line values (None = not given) on top of ``settings``."""
-    names = {f.name for f in fields(Settings)}
-    given = {k: v for k, v in overrides.items() if k in names and v is not None}
-    if "run_dir" in given:
-        given["run_dir"] = Path(given["run_dir"])
-    return replace(settings, **given)
+    """Apply command-line values (None = not given) on top of ``settings``.
+
+    Each value goes through the same check as the file's key for it; a value that fails is a
+    :class:`ConfigError` naming the flag (``command line: --node-id: -1 is outside ...``).
+    """
+    given = {k: v for k, v in overrides.items() if k in _BY_FIELD and v is not None}
+    checked: dict[str, Any] = {}
+    for name, value in given.items():
+        _, check = _BY_FIELD[name]
+        try:
+            checked[name] = check(str(value) if isinstance(value, Path) else value)
+        except (TypeError, ValueError) as exc:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError("command line", None, flag, f"{exc} (got {value!r})") from None
+    return replace(settings, **checked)
 
 
 def resolve(config: str | None, overrides: dict[str, Any]) -> Settings:
-    """The settings ``ulogd run`` uses: defaults ← file ← flags."""
+    """The settings ``dm-ulogd run`` uses: defaults ← file ← flags.
+
+    Without ``--config``, :data:`DEFAULT_PATH` is read if it exists, else the file of the old
+    name (:data:`PREVIOUS_PATH`) if that exists: an upgraded node keeps its cluster mode
+    (``settings.source`` says which file; the daemon logs a warning about the old one).  When
+    both exist and say different things (the package installed its commented example beside
+    the operator's old file) the start is refused: guessing could bring a clustered node back
+    with ``cluster = "off"``.
+    """
     settings = Settings()
     if config is not None:
         settings = load(config)
     elif DEFAULT_PATH.exists():
         settings = load(DEFAULT_PATH)
+        if PREVIOUS_PATH.exists():
+            previous = load(PREVIOUS_PATH)
+            if replace(previous, source=None) != replace(settings, source=None):
+                raise ConfigError(
+                    PREVIOUS_PATH,
+                    None,
+                    "",
+                    f"the configuration of ulogd's old name differs from {DEFAULT_PATH}: move "
+                    f"its settings to {DEFAULT_PATH} and remove it",
+                )
+    elif PREVIOUS_PATH.exists():
+        settings = load(PREVIOUS_PATH)
     return merge(settings, overrides)

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``ulogd status`` (and scripts) connect to a Unix *stream* socket in the run directory, send one
+``dm-ulogd status`` (and scripts) connect to a Unix *stream* socket in the run directory, send one
 JSON object ending in a newline — ``{"command": "status"}`` — and read one JSON object ending
 in a newline; the daemon then closes the connection.  Commands:
 

@@ -80,6 +80,7 @@ __all__ = [
     "MemoryDiskLog",
     "bitmap_len",
     "check_device_size",
+    "endian_of",
     "io_size",
     "parse_image",
     "plan_write",
@@ -232,6 +233,13 @@ def _render(clean: bitarray, region_count: int, start: int, end: int) -> bytes:
     return bytes(out)
 
 
+def endian_of(bits: bitarray) -> str:
+    """The bit order of ``bits``: an attribute since bitarray 3, a method before (Debian 12
+    ships 2.7.3)."""
+    endian = bits.endian
+    return str(endian() if callable(endian) else endian)
+
+
 def plan_write(
     clean: bitarray, region_count: int, chunks: set[int] | None, block_size: int
 ) -> list[tuple[int, bytes]]:
@@ -245,7 +253,7 @@ def plan_write(
         # Longer is fine: the daemon's bitmaps are padded to whole words; only the first
         # region_count bits are written and the rest of the last word is zero on disk.
         raise ValueError(f"bitmap has {len(clean)} bits, fewer than {region_count}")
-    if clean.endian != "little":
+    if endian_of(clean) != "little":
         clean = bitarray(clean, endian="little")
     total = io_size(region_count, block_size)
     if chunks is None:

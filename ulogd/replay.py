@@ -7,8 +7,8 @@ Input
 -----
 One or more capture files (pcapng or pcap, LINKTYPE_NETLINK, read by
 :func:`ulogd.capture.read_capture`), each holding the datagrams one daemon saw and sent.
-Several files are *one kernel talking to successive daemons*: ``ulogd run --capture A`` was
-killed or stopped and ``ulogd run --capture B`` took over with the same run directory.
+Several files are *one kernel talking to successive daemons*: ``dm-ulogd run --capture A`` was
+killed or stopped and ``dm-ulogd run --capture B`` took over with the same run directory.
 
 Two passes per file
 -------------------
@@ -74,7 +74,8 @@ short (its snap length) are not replayed either, and counted.
 A damaged file stops the replay at the defect: the report covers the packets before it and
 names the packet (:class:`~ulogd.capture.CaptureFormatError`).  Exit status: 0 every answer
 checked agrees, 1 at least one mismatch, 4 a file could not be read (wholly or in part) and
-no mismatch was found before the defect.
+no mismatch was found before the defect (a file that does not exist: one line, no report),
+5 ``--log`` matched no log of the capture (nothing was compared).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ from ulogd.statefile import StateDir
 
 __all__ = [
     "EXIT_MISMATCH",
+    "EXIT_NO_MATCH",
     "EXIT_OK",
     "EXIT_UNREADABLE",
     "Answer",
@@ -120,6 +122,7 @@ __all__ = [
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_UNREADABLE = 4
+EXIT_NO_MATCH = 5  # --log named no log of the capture: nothing was compared
 
 MATCH = "match"
 MISMATCH = "mismatch"
@@ -296,6 +299,7 @@ class Report:
     error_file: str | None = None
     error_packet: int | None = None
     restarts: int = 0
+    log_filter: str | None = None
 
     # -- summaries --------------------------------------------------------------------------
     def total(self, verdict: str) -> int:
@@ -309,11 +313,18 @@ class Report:
         return [o for o in self.outcomes if o.verdict == verdict]
 
     @property
+    def nothing_matched(self) -> bool:
+        """``--log`` was given and no request of the capture names a log it matches."""
+        return self.log_filter is not None and not self.logs
+
+    @property
     def exit_status(self) -> int:
         if self.total(MISMATCH):
             return EXIT_MISMATCH
         if self.error is not None:
             return EXIT_UNREADABLE
+        if self.nothing_matched:
+            return EXIT_NO_MATCH
         return EXIT_OK
 
     def to_json(self) -> dict[str, Any]:
@@ -343,7 +354,7 @@ class Report:
         """The readable report."""
         out: list[str] = []
         files = " + ".join(self.files)
-        out.append(f"ulogd replay of {files} (protocol {self.protocol})")
+        out.append(f"dm-ulogd replay of {files} (protocol {self.protocol})")
         restarts = f", {self.restarts} daemon restart(s) replayed" if self.restarts else ""
         out.append(
             f"{self.packets} packets: {self.replayed} requests replayed, "
@@ -410,6 +421,8 @@ class Report:
             verdict_line = f"RESULT: {self.total(MISMATCH)} mismatch(es)"
         elif status == EXIT_UNREADABLE:
             verdict_line = "RESULT: capture unreadable (no mismatch before the defect)"
+        elif status == EXIT_NO_MATCH:
+            verdict_line = f"RESULT: nothing compared: no log matches --log {self.log_filter!r}"
         else:
             verdict_line = f"RESULT: OK, {self.total(MATCH)} answers agree with the capture" + (
                 f" ({self.total(UNVERIFIABLE)} unverifiable)" if self.total(UNVERIFIABLE) else ""
@@ -977,7 +990,7 @@ def replay(
     if not paths:
         raise ValueError("no capture file given")
     labels = [str(p) for p in paths]
-    report = Report(files=labels, protocol=layout.name)
+    report = Report(files=labels, protocol=layout.name, log_filter=log_filter)
     with contextlib.ExitStack() as stack:
         state_dir = None
         if len(paths) > 1:
@@ -990,7 +1003,7 @@ def replay(
             if not replayer.replay_file(Path(path), label, last=i == len(paths) - 1):
                 break
         replayer.finish()
-    if log_filter is not None and not report.logs:
+    if report.nothing_matched:
         report.notes.append(f"no request of the capture names a log matching {log_filter!r}")
     if report.orphan_replies:
         report.notes.append(
@@ -1002,7 +1015,7 @@ def replay(
 
 # ----------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``ulogd replay`` options (called by :mod:`ulogd.cli`)."""
+    """The ``dm-ulogd replay`` options (called by :mod:`ulogd.cli`)."""
     parser.add_argument(
         "files",
         nargs="+",
@@ -1037,19 +1050,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``ulogd replay``: returns the exit status."""
+    """``dm-ulogd replay``: returns the exit status."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.CRITICAL,
         format="  | %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    quiet = logging.getLogger("ulogd")
+    level = quiet.level
     if not args.verbose:
-        logging.getLogger("ulogd").setLevel(logging.CRITICAL)
+        quiet.setLevel(logging.CRITICAL)
+    try:
+        return _run_cli(args)
+    finally:
+        quiet.setLevel(level)  # called in-process too (tests): leave logging as it was
+
+
+def _run_cli(args: argparse.Namespace) -> int:
     try:
         until = parse_until(args.until) if args.until else None
     except ValueError as exc:
-        print(f"ulogd replay: {exc}", file=sys.stderr)
+        print(f"dm-ulogd replay: {exc}", file=sys.stderr)
         return 2
+    for name in args.files:
+        # A file that is not there is one line, not an empty report of a "damaged" capture.
+        try:
+            os.stat(name)
+        except FileNotFoundError:
+            print(f"dm-ulogd replay: {name}: no such file", file=sys.stderr)
+            return EXIT_UNREADABLE
     report = replay(
         args.files, layout=wire.LAYOUTS[args.protocol], log_filter=args.log, until=until
     )
@@ -1065,5 +1094,5 @@ def run_cli(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if report.error is not None:
-        print(f"ulogd replay: {report.error_file}: {report.error}", file=sys.stderr)
+        print(f"dm-ulogd replay: {report.error_file}: {report.error}", file=sys.stderr)
     return report.exit_status

@@ -6,7 +6,7 @@ When ulogd dies, the kernel keeps the mirror and reconnects to the next daemon (
 NUL, then RESUME, then the pending request).  It does not repeat earlier marks and, once it
 believes the mirror is in sync, stops asking for resync work; so the next daemon must answer
 exactly as the dead one would have.  The region bitmaps therefore *live* in a shared mapping
-of a file under the run directory (``/run/ulogd/logs``, tmpfs): every bit the state machine
+of a file under the run directory (``/run/dm-ulogd/logs``, tmpfs): every bit the state machine
 flips is in the page cache the instant it is flipped, so a crash (even ``kill -9``) loses
 nothing, while a reboot — which also resets the kernel's side — starts clean.
 
@@ -27,14 +27,21 @@ first marked :data:`DESTROYED` through its mapping, then unlinked: if the unlink
 read-only directory) the mark keeps the next daemon from restoring it.
 
 :class:`MemoryState` offers the same interface without a file, for replay and benchmarks.
+
+Up to 0.1.0 the run directory was ``/run/ulogd``.  A daemon started under the new name while
+mirrors are still loaded finds its ``logs`` directory missing (first start since boot) and
+:func:`import_previous` copies the old directory's state files in, once: the upgrade is then
+an ordinary restart.  The old directory is only read (the unit mounts it read-only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,3 +283,42 @@ class StateDir:
             os.close(fd)
             raise
         return LogState(path, fd, mapping, identity)
+
+
+def import_previous(old: Path, new: Path) -> int:
+    """Copy the state files of ``old`` (``/run/ulogd/logs``, the run directory of the name
+    used up to 0.1.0) into ``new`` (``<run dir>/logs``) if ``new`` has never existed; returns
+    how many were copied (0: nothing to import, or ``new`` was already in use).
+
+    Refuses (:class:`RuntimeError`) while a daemon holds the old run directory's lock: two
+    daemons must never answer one kernel.  The copy is built under a temporary name and
+    renamed into place, so a start that fails half-way imports again the next time.
+    """
+    if new.exists() or not old.is_dir():
+        return 0
+    files = sorted(old.glob("*.state"))
+    if not files:
+        return 0
+    lock = old.parent / "ulogd.lock"
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"a daemon still serves from {old.parent} (the run directory of ulogd's old "
+                "name): stop it (systemctl stop ulogd.service) before starting this one"
+            ) from None
+        finally:
+            os.close(fd)
+    new.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging = new.with_name(new.name + ".import")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    for path in files:
+        target = staging / path.name
+        shutil.copyfile(path, target)
+        os.chmod(target, 0o600)
+    os.chmod(staging, 0o700)
+    os.rename(staging, new)
+    return len(files)

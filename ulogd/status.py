@@ -1,13 +1,18 @@
-"""``ulogd status``: ask the running daemon over its control socket and show every log.
+"""``dm-ulogd status``: ask the running daemon over its control socket and show every log.
 
 Theory of operation
 -------------------
 One ``status`` request (:func:`ulogd.control.request`) returns the daemon's snapshot as JSON;
 this module only renders it:
 
-* :func:`render_table` — a header line about the daemon, one row per log (uuid, type, regions,
-  region size, in sync count and %, marked regions, recovering region@node, state, log device
-  and health, server and members) and, under the table, the last error of each log that has one;
+* :func:`render_table` — a header line about the daemon, one row per log (uuid, the local dm
+  device(s) using the log, type, regions, region size, in sync count and %, marked regions,
+  recovering region@node, state, log device and health, server and members) and, under the
+  table, the last error of each log that has one.  A long uuid (LVM's are 68 characters) is
+  shown as its prefix and its last eight characters (``LVM-...a1b2c3d4``, the tag of the
+  daemon's log lines); ``--wide`` shows it whole.  The device names come from ``dmsetup
+  table`` (:func:`local_devices`: the log part of a mirror table names the log's uuid);
+  ``?`` when dmsetup cannot be asked;
 * ``--json`` prints the snapshot unchanged (stable keys; see ``docs/operations.rst``);
 * ``--watch`` redraws every ``--interval`` seconds with a progress bar per log and the resync
   rate and time left, computed from the previous sample.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +53,7 @@ def fetch(run_dir: str | os.PathLike[str], timeout: float = 10.0) -> dict[str, A
     except FileNotFoundError:
         raise StatusError(
             f"no ulogd control socket at {path}: is the daemon running "
-            "(systemctl status ulogd) with this --run-dir?",
+            "(systemctl status dm-ulogd) with this --run-dir?",
             EXIT_NO_DAEMON,
         ) from None
     except ConnectionRefusedError:
@@ -57,7 +63,7 @@ def fetch(run_dir: str | os.PathLike[str], timeout: float = 10.0) -> dict[str, A
         ) from None
     except PermissionError:
         raise StatusError(
-            f"permission denied on {path}: ulogd status must be run as root", EXIT_DENIED
+            f"permission denied on {path}: dm-ulogd status must be run as root", EXIT_DENIED
         ) from None
     except (OSError, ValueError) as exc:
         raise StatusError(f"talking to the daemon over {path} failed: {exc}", EXIT_ERROR) from None
@@ -119,6 +125,7 @@ def header(snapshot: dict[str, Any]) -> str:
 
 COLUMNS = (
     "UUID",
+    "DEVICE",
     "LUID",
     "TYPE",
     "REGIONS",
@@ -134,9 +141,60 @@ COLUMNS = (
 _RIGHT = {"REGIONS", "SIZE", "MARKED"}
 
 
-def _row(entry: dict[str, Any]) -> list[str]:
+def short_uuid(uuid: str) -> str:
+    """``LVM-...a1b2c3d4`` for a long uuid: its prefix up to the first ``-`` (at most eight
+    characters, else four) and its last eight characters, the tag of the daemon's log lines."""
+    if len(uuid) <= 20:
+        return uuid
+    dash = uuid.find("-", 0, 8)
+    head = uuid[: dash + 1] if dash >= 0 else uuid[:4]
+    return f"{head}...{uuid[-8:]}"
+
+
+def parse_dm_tables(text: str) -> dict[str, list[str]]:
+    """Log uuid → names of the dm devices whose table uses it, from ``dmsetup table`` output
+    (``NAME: <start> <len> mirror userspace <n> <uuid> ...``)."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        name, sep, table = line.partition(": ")
+        words = table.split()
+        if not sep or "userspace" not in words:
+            continue
+        at = words.index("userspace")
+        if len(words) > at + 2:
+            found.setdefault(words[at + 2], []).append(name)
+    return found
+
+
+def local_devices(dmsetup: str = "dmsetup") -> dict[str, list[str]] | None:
+    """The local mirrors by log uuid (``dmsetup table``); None when dmsetup cannot be asked."""
+    try:
+        out = subprocess.run(
+            [dmsetup, "table"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return parse_dm_tables(out.stdout)
+
+
+def _devices(entry: dict[str, Any], devices: dict[str, list[str]] | None) -> str:
+    if devices is None:
+        return "?"
+    return ",".join(devices.get(entry["uuid"], [])) or "-"
+
+
+def _uuid(entry: dict[str, Any], wide: bool) -> str:
+    return entry["uuid"] if wide else short_uuid(entry["uuid"])
+
+
+def _row(
+    entry: dict[str, Any], devices: dict[str, list[str]] | None = None, wide: bool = False
+) -> list[str]:
     return [
-        entry["uuid"],
+        _uuid(entry, wide),
+        _devices(entry, devices),
         f"{entry['luid']:#x}",
         entry["type"],
         str(entry["regions"]),
@@ -163,7 +221,7 @@ def _table(rows: list[list[str]]) -> list[str]:
     return out
 
 
-def _errors(snapshot: dict[str, Any]) -> list[str]:
+def _errors(snapshot: dict[str, Any], wide: bool = False) -> list[str]:
     lines = []
     daemon_error = snapshot["daemon"].get("last_error")
     if daemon_error:
@@ -171,7 +229,9 @@ def _errors(snapshot: dict[str, Any]) -> list[str]:
     for entry in snapshot["logs"]:
         err = entry.get("last_error")
         if err:
-            lines.append(f"{entry['uuid']}: last {err['level']} {_when(err)}: {err['message']}")
+            lines.append(
+                f"{_uuid(entry, wide)}: last {err['level']} {_when(err)}: {err['message']}"
+            )
     return lines
 
 
@@ -179,14 +239,16 @@ def _when(err: dict[str, Any]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
 
 
-def render_table(snapshot: dict[str, Any]) -> str:
+def render_table(
+    snapshot: dict[str, Any], devices: dict[str, list[str]] | None = None, wide: bool = False
+) -> str:
     lines = [header(snapshot)]
     if snapshot["logs"]:
         lines.append("")
-        lines += _table([list(COLUMNS), *(_row(e) for e in snapshot["logs"])])
+        lines += _table([list(COLUMNS), *(_row(e, devices, wide) for e in snapshot["logs"])])
     else:
         lines.append("no logs (no mirror with a userspace log is loaded)")
-    errors = _errors(snapshot)
+    errors = _errors(snapshot, wide)
     if errors:
         lines.append("")
         lines += errors
@@ -204,6 +266,8 @@ def render_watch(
     previous: dict[str, Any] | None,
     elapsed: float,
     width: int = 80,
+    devices: dict[str, list[str]] | None = None,
+    wide: bool = False,
 ) -> str:
     """The ``--watch`` screen: header, then per log a line and a resync progress bar."""
     before = {(e["uuid"], e["luid"]): e["in_sync"] for e in (previous or {}).get("logs", [])}
@@ -213,7 +277,8 @@ def render_watch(
     for entry in snapshot["logs"]:
         n, done = entry["regions"], entry["in_sync"]
         lines.append(
-            f"{entry['uuid']} {entry['luid']:#x}  {entry['type']}  {entry['state']}"
+            f"{_uuid(entry, wide)} {entry['luid']:#x}  dev {_devices(entry, devices)}"
+            f"  {entry['type']}  {entry['state']}"
             f"  marked {entry['marked']}  recovering {_recovering(entry)}"
             f"  device {_device(entry)}"
             + (f"  group {entry['cluster']['phase']}" if entry.get("cluster") else "")
@@ -233,7 +298,7 @@ def render_watch(
         tail = f" {entry['in_sync_percent']:5.1f}% {done}/{n}{rate}"
         bar_width = max(10, min(50, width - len(tail) - 4))
         lines.append("  " + progress_bar(done / n if n else 1.0, bar_width) + tail)
-    errors = _errors(snapshot)
+    errors = _errors(snapshot, wide)
     if errors:
         lines.append("")
         lines += errors
@@ -245,6 +310,7 @@ def watch(
     interval: float,
     count: int | None,
     out: TextIO,
+    wide: bool = False,
 ) -> int:
     """Redraw until interrupted (or ``count`` screens); returns the exit status."""
     previous: dict[str, Any] | None = None
@@ -256,7 +322,8 @@ def watch(
             snapshot = fetch(run_dir)
             now = time.monotonic()
             width = shutil.get_terminal_size((100, 24)).columns
-            out.write(clear + render_watch(snapshot, previous, now - last, width))
+            screen = render_watch(snapshot, previous, now - last, width, local_devices(), wide)
+            out.write(clear + screen)
             if not clear:
                 out.write("\n")
             out.flush()
@@ -269,17 +336,24 @@ def watch(
     return 0
 
 
-def main(run_dir: str, as_json: bool, watch_mode: bool, interval: float, count: int | None) -> int:
+def main(
+    run_dir: str,
+    as_json: bool,
+    watch_mode: bool,
+    interval: float,
+    count: int | None,
+    wide: bool = False,
+) -> int:
     try:
         if watch_mode:
-            return watch(run_dir, interval, count, sys.stdout)
+            return watch(run_dir, interval, count, sys.stdout, wide)
         snapshot = fetch(run_dir)
     except StatusError as exc:
-        print(f"ulogd status: {exc}", file=sys.stderr)
+        print(f"dm-ulogd status: {exc}", file=sys.stderr)
         return exc.code
     if as_json:
         json.dump(snapshot, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(render_table(snapshot))
+        sys.stdout.write(render_table(snapshot, local_devices(), wide))
     return 0

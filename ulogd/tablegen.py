@@ -1,4 +1,4 @@
-"""``ulogd table``: the device-mapper table of a mirror whose dirty log is served by ulogd.
+"""``dm-ulogd table``: the device-mapper table of a mirror whose dirty log is served by ulogd.
 
 Theory of operation
 -------------------
@@ -17,13 +17,15 @@ the log arguments after the uuid (without ``integrated_flush``) prefixed with th
 (:func:`ulogd.ctr.parse`), so a table this tool prints is one the daemon accepts.
 
 The target length defaults to the smallest leg (less its offset), read from the device with
-``lseek(SEEK_END)``; ``--size`` sets it explicitly (sectors, or a number with a binary unit:
+``lseek(SEEK_END)``, or for a leg given as ``MAJ:MIN`` from ``/sys/dev/block/MAJ:MIN/size``;
+``--size`` sets it explicitly (sectors, or a number with a binary unit:
 ``64M``, ``10GiB``).  ``--create NAME`` runs ``dmsetup create NAME --table LINE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import subprocess
@@ -31,11 +33,13 @@ import sys
 import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ulogd import ctr
 
 LOG_TYPES = ("clustered-core", "clustered-disk", "core", "disk")
 MIN_LEGS, MAX_LEGS = 2, 9  # dm-raid1: 2 ≤ mirrors ≤ DM_KCOPYD_MAX_REGIONS + 1
+SYS_DEV_BLOCK = "/sys/dev/block"
 _UNITS = {"": 1, "s": 1, "k": 2, "m": 2**11, "g": 2**21, "t": 2**31, "p": 2**41}
 
 
@@ -85,7 +89,14 @@ def parse_size(text: str) -> int:
 
 
 def device_sectors(path: str) -> int:
-    """Size of a block device (or file) in 512-byte sectors."""
+    """Size of a block device (or file) in 512-byte sectors; a ``MAJ:MIN`` leg's from
+    ``/sys/dev/block/MAJ:MIN/size`` (sectors, whatever the device's block size)."""
+    if re.fullmatch(r"\d+:\d+", path):
+        text = (Path(SYS_DEV_BLOCK) / path / "size").read_text()
+        try:
+            return int(text)
+        except ValueError:
+            raise OSError(errno.EINVAL, f"unreadable size {text.strip()!r}") from None
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.lseek(fd, 0, os.SEEK_END) // 512
@@ -245,21 +256,21 @@ def main(args: argparse.Namespace) -> int:
     try:
         line = build(spec_from_args(args))
     except TableError as exc:
-        print(f"ulogd table: {exc}", file=sys.stderr)
+        print(f"dm-ulogd table: {exc}", file=sys.stderr)
         return 2
     if not args.create:
         print(line)
         return 0
     command: Sequence[str] = [args.dmsetup, "create", args.create, "--table", line]
-    print(f"ulogd table: {' '.join(command[:3])} --table '{line}'", file=sys.stderr)
+    print(f"dm-ulogd table: {' '.join(command[:3])} --table '{line}'", file=sys.stderr)
     try:
         result = subprocess.run(command, check=False)
     except FileNotFoundError:
-        print(f"ulogd table: {args.dmsetup} not found (install dmsetup)", file=sys.stderr)
+        print(f"dm-ulogd table: {args.dmsetup} not found (install dmsetup)", file=sys.stderr)
         return 3
     if result.returncode:
         print(
-            f"ulogd table: dmsetup create failed (exit {result.returncode}); is ulogd running "
+            f"dm-ulogd table: dmsetup create failed (exit {result.returncode}); is ulogd running "
             "and the dm-log-userspace module loaded (modprobe dm-log-userspace)?",
             file=sys.stderr,
         )

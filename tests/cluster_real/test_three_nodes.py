@@ -439,7 +439,7 @@ def test_corosync_revived_node_answers_status_rejoins_and_gets_state(
     c.revive(3)
     probe.join(timeout=15)
     assert status_error is None, (
-        f"ulogd status on node 3 while its corosync was down: {status_error!r}"
+        f"dm-ulogd status on node 3 while its corosync was down: {status_error!r}"
     )
     assert held.get("reply") is not None, f"the held FLUSH was not answered after revive: {held}"
     drivers[3] = u[3].driver(UUID, timeout=3)

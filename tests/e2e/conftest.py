@@ -187,10 +187,12 @@ def e2e() -> Iterator[E2E]:
     _SESSION.cleanup()
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+# hookwrapper (not wrapper=True): Debian 12's pytest 7.2 runs the unit tier of the packages.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed e2e test keeps the run directories of every boot (host-side checks too)."""
-    report = yield
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
     if report.failed and item.get_closest_marker("e2e"):
         _SESSION.failed_groups.update(GROUPS)
         for group, run in _SESSION.runs.items():
@@ -198,4 +200,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 (f"e2e boot {group!r}", f"{run.describe(40)}\n---- ulogd.log (tail) ----\n"
                  + _tail(run.artefact("ulogd.log"), 40))
             )  # fmt: skip
-    return report

@@ -1,9 +1,9 @@
-"""Real kernel: capture a mirror's traffic with ``ulogd run --capture`` and replay it offline.
+"""Real kernel: capture a mirror's traffic with ``dm-ulogd run --capture`` and replay it offline.
 
 Boots Debian's kernel in QEMU (:mod:`ulogd.testing.qemu`), runs two scenarios of
 ``captures/scenarios.sh`` in the guest -- a clustered-core mirror's whole life cycle, and a
 daemon killed with SIGKILL and restarted while a write waits -- and replays the captures on the
-host with ``ulogd replay``: every recorded answer must be reproduced, none unverifiable.
+host with ``dm-ulogd replay``: every recorded answer must be reproduced, none unverifiable.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def _scenario(group: str, name: str, extra: str = "") -> dict[str, Any]:
 def test_forged_requests_from_a_root_process_change_nothing() -> None:
     data = _scenario("hardening", "forged")
     names = {c["name"] for c in data["checks"]}
-    assert "forged requests changed nothing (ulogd status)" in names
+    assert "forged requests changed nothing (dm-ulogd status)" in names
     assert data["info"]["forged_datagrams"] >= 8
 
 

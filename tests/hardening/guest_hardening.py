@@ -130,7 +130,7 @@ def sc_forged(sc: Scenario, env: Env) -> None:
     sc.check("log still there after forged DTR", after is not None, after)
     keys = ("luid", "in_sync", "marked", "state", "regions", "region_size")
     sc.equal(
-        "forged requests changed nothing (ulogd status)",
+        "forged requests changed nothing (dm-ulogd status)",
         {k: (after or {}).get(k) for k in keys},
         {k: before.get(k) for k in keys},
     )

@@ -275,7 +275,7 @@ class Daemon:
         return k
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The daemon's ``ulogd status --json`` snapshot (over its control socket)."""
+        """The daemon's ``dm-ulogd status --json`` snapshot (over its control socket)."""
         answer = control.request(self.run_dir / control.SOCKET_NAME, "status", timeout=timeout)
         if not answer.get("ok"):
             raise ClusterTestError(f"ulogd {self.n} status failed: {answer}")

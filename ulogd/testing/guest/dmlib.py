@@ -283,7 +283,7 @@ def detach_all_loops() -> None:
 
 
 class Daemon:
-    """ulogd run in the foreground; its stderr is appended to one log file across restarts."""
+    """dm-ulogd run in the foreground; its stderr is appended to one log file across restarts."""
 
     def __init__(
         self, run_dir: str, log_file: Path, capture_dir: Path, extra_args: Sequence[str] = ()

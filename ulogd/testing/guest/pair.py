@@ -81,7 +81,7 @@ REGIONS = SECTORS // REGION  # 128
 HALF = LEG_SIZE // 2
 NET = "10.77.0"
 NODES = (1, 2)
-RUN_DIR = Path("/run/ulogd")
+RUN_DIR = Path("/run/dm-ulogd")
 #: --systemd: corosync and ulogd are run by their units (see the module docstring)
 SYSTEMD = False
 COROSYNC_DIR = Path("/run/corosync-e2e")
@@ -179,7 +179,7 @@ class UnitDaemon:
 
 
 def start_under_systemd(sc: Scenario) -> UnitDaemon:
-    """corosync's and ulogd's units, configured for the pair; ``systemctl start ulogd``
+    """corosync's and ulogd's units, configured for the pair; ``systemctl start dm-ulogd``
     brings corosync up first (the cluster drop-in)."""
     global RUN_DIR
     from systemd_unit import PACKAGING, install_like_the_package, save_journal, systemctl

@@ -73,7 +73,7 @@ class Env:
     def ulogd(self, sc: Scenario) -> Daemon:
         """The shared daemon, started (or restarted after a failed scenario) when needed."""
         if self._ulogd is None:
-            self._ulogd = Daemon("/run/ulogd", ARTEFACTS / "ulogd.log", ARTEFACTS)
+            self._ulogd = Daemon("/run/dm-ulogd", ARTEFACTS / "ulogd.log", ARTEFACTS)
             self.daemons.append(self._ulogd)
         d = self._ulogd
         if not d.alive():
