@@ -73,15 +73,21 @@ def unit_values(key: str) -> list[str]:
     ]
 
 
-def test_unit_verifies(tmp_path: Path) -> None:
-    analyze = ensure("systemd-analyze", "systemd")
-    # verify checks that ExecStart= exists: point it at this interpreter's entry point (the
-    # venv's, or /usr/bin's when installed), else at "python3 -m ulogd" (a package build).
+def unit_to_verify(tmp_path: Path) -> Path:
+    """The unit, copied into ``tmp_path`` with an ExecStart= that exists here (verify checks
+    it): this interpreter's entry point (the venv's, or /usr/bin's when installed), else
+    ``python3 -m ulogd`` (a package build)."""
     entry = Path(sys.executable).parent / "dm-ulogd"
     command = str(entry) if entry.exists() else f"{sys.executable} -m ulogd"
-    unit = tmp_path / "dm-ulogd.service"
+    unit = tmp_path / UNIT.name
     unit.write_text(UNIT.read_text().replace("/usr/bin/dm-ulogd", command))
     assert command in unit.read_text()
+    return unit
+
+
+def test_unit_verifies(tmp_path: Path) -> None:
+    analyze = ensure("systemd-analyze", "systemd")
+    unit = unit_to_verify(tmp_path)
     result = subprocess.run(
         [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True
     )
@@ -127,9 +133,7 @@ def test_cluster_drop_in_pulls_corosync_in(tmp_path: Path) -> None:
     assert dropin["Unit"]["Wants"] == "corosync.service"
     assert dropin["Unit"]["After"] == "corosync.service"
     # The unit with the drop-in still verifies (a drop-in directory beside the unit file).
-    entry = Path(sys.executable).parent / "ulogd"
-    unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/usr/bin/ulogd", str(entry)))
+    unit = unit_to_verify(tmp_path)
     (tmp_path / f"{UNIT.name}.d").mkdir()
     (tmp_path / f"{UNIT.name}.d" / "cluster.conf").write_text(
         (PACKAGING / "cluster.conf").read_text()
