@@ -29,8 +29,9 @@ Invariants, checked in the component where an event was delivered, right after i
   comes back with a new kernel (then its regions must be out of sync, as for a crash).  Two
   limits are not checked because no daemon can know better (docs/operations.rst says what
   needs fencing): another partition, which the node left, treats it as gone; and once every
-  member holding the log's state in the node's ring is gone too, the marks live only in the
-  dead daemon's state file until it restarts.
+  member holding the log's state in the node's ring is gone too — or the daemon dies while
+  partitions merge, before its side's state is in — the marks live only in the dead daemon's
+  state file until it restarts.
 
 Daemon deaths follow the kernel (dm-log-userspace-transfer.c, -base.c): the kernel of a dead
 daemon keeps writing; it re-sends each unanswered request when its timeout fires (to the new
@@ -359,8 +360,13 @@ class World:
         vg = self.comp_of(node)
         assert vg is not None
         self.absorb(node)  # what it answered before it died reached the kernel
+        merging = any(isinstance(e, Merge) for e in vg.queue) or any(
+            n.group is not None and n.group._merge is not None for n in vg.members
+        )
         vg.kill_daemon(node, at=b)
         self.dead[node.nodeid] = (node, vg)
+        if merging:  # its side's contribution may never come: the others never see its marks
+            self.forgotten.add(node.nodeid)
         # The dead daemon answers nothing more (the kernel re-sends what it still waits for).
         self.abandoned.update((id(node), s) for s in node.asked - set(node.answers))
         self.trace.append(f"kill daemon {node.nodeid}")

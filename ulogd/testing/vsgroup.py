@@ -192,7 +192,7 @@ class VirtualGroup:
         self.on_event: Callable[[VirtualGroup, Event], None] | None = None
         self.crashed: list[SimNode] = []
         #: nodes that lost their corosync: nothing more of this component reaches them
-        self.deaf: list[SimNode] = []
+        self.deaf: set[MemberId] = set()  # by member id: a node's next daemon hears again
 
     # -- membership ------------------------------------------------------------------
     def _last_conf(self) -> int:
@@ -277,7 +277,7 @@ class VirtualGroup:
         orphan.own_marks = sorted(r for r, h in node.log.holders.items() if node.nodeid in h)
         self.crash(node, at=at)
         self.crashed.remove(node)
-        self.deaf.append(node)
+        self.deaf.add(node.member)
         node.orphan = orphan
 
     @classmethod
@@ -334,7 +334,7 @@ class VirtualGroup:
 
     # -- delivery --------------------------------------------------------------------
     def is_deaf(self, node: SimNode) -> bool:
-        return any(d is node for d in self.deaf)
+        return node.member in self.deaf
 
     @property
     def listening(self) -> list[SimNode]:
@@ -352,7 +352,7 @@ class VirtualGroup:
             ms, left, joined, procdown = (list(x) for x in event.ids)
             self.view = list(event.members)
             self.view_ids = set(ms)
-            self.deaf = [d for d in self.deaf if d.member not in left]
+            self.deaf -= set(left)
             for n in self.listening:
                 if n.group is not None:
                     self._act(n, n.group.confchg(ms, left, joined, procdown=procdown))
