@@ -210,27 +210,32 @@ class LogState:
         return scalars
 
     def census(self) -> tuple[int, list[int]]:
-        """The number of sync bits and the regions in the own-marks bitmap, read through a
-        second, pre-faulted mapping in slices: meant to run in a worker thread (the mapping
-        is made with the interpreter lock released; each slice holds it for a few ms)."""
+        """The number of sync bits and the regions in the own-marks bitmap, read from the
+        file in 4 MiB slices: meant to run in a worker thread (``preadv`` releases the
+        interpreter lock; each slice's count holds it for about a millisecond).  Reading,
+        not a second mapping: pre-faulting one holds the process's memory-map lock, which
+        stalls every other thread that allocates."""
         n = self.identity.region_count
         size = bitmap_bytes(n)
+        step = 1 << 22  # bytes per slice
+        buffer = bytearray(step)
+        count = 0
+        marks: list[int] = []
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            view = mmap.mmap(fd, self.size, flags=flags, prot=mmap.PROT_READ)
+            for base, want_marks in ((HEADER_SIZE + size, False), (HEADER_SIZE + 2 * size, True)):
+                for at in range(0, size, step):
+                    got = os.preadv(fd, [memoryview(buffer)[: min(step, size - at)]], base + at)
+                    bits = bitarray(endian="little", buffer=memoryview(buffer)[:got])
+                    stop = min(len(bits), n - 8 * at)
+                    if want_marks:
+                        marks += (8 * at + r for r in bits.search(1, 0, stop))
+                    else:
+                        count += bits.count(1, 0, stop)
+                    del bits
         finally:
             os.close(fd)
-        with view:
-            sync = bitarray(endian="little", buffer=memoryview(view)[HEADER_SIZE + size :])
-            count, step = 0, 1 << 25
-            marks: list[int] = []
-            for start in range(0, n, step):
-                count += sync.count(1, start, min(n, start + step))
-            for start in range(0, n, step):
-                marks += sync.search(1, size * 8 + start, size * 8 + min(n, start + step))
-            del sync
-        return count, [r - size * 8 for r in marks]
+        return count, marks
 
     def close(self) -> None:
         """Release the mapping (the file stays).  Bitarrays still held elsewhere keep the
@@ -270,7 +275,9 @@ def _fill_ones(fd: int, offset: int, bits: int) -> None:
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    """A shared mapping, not pre-faulted: MAP_POPULATE of a huge file holds the process's
+    memory-map lock for its whole length (every other thread that allocates waits)."""
+    return mmap.mmap(fd, size)
 
 
 class StateDir:
@@ -339,9 +346,9 @@ class StateDir:
         except OSError as exc:
             for state in states:
                 state.close()
-            where = exc.filename or self.path
+            where = f"{exc.filename}: " if exc.filename and exc.filename != str(self.path) else ""
             raise RestoreError(
-                f"cannot restore the logs in {self.path}: {where}: {exc.strerror or exc} "
+                f"cannot restore the logs in {self.path}: {where}{exc.strerror or exc} "
                 f"(errno {exc.errno}); no state file was changed, start again once the "
                 "resource is available"
             ) from exc
