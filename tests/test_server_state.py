@@ -94,3 +94,22 @@ def test_a_ctr_whose_state_file_cannot_be_made_is_answered_with_the_errno(tmp_pa
     assert ("LVM-new", 1) not in server.logs
     assert d.is_clean(1) == 0 and d.is_clean(2) == 0  # the other log is untouched
     server.close()
+
+
+def test_logs_whose_uuids_share_their_ends_both_survive_a_restart(tmp_path: Path) -> None:
+    """The pair from issue 14: the old file names (first 120 characters + hex of the last 32)
+    were equal, so the second CTR replaced the first log's file."""
+    uuids = ("+" * 60 + "A" + "+" * 68, "+" * 60 + "B" + "+" * 68)
+    first = Server(state_dir=StateDir(tmp_path))
+    for i, uuid in enumerate(uuids):
+        d = LogDriver(InProcess(first), uuid=uuid, luid=1)
+        d.create("512 core 8 nosync")
+        d.mark([10 + i])
+    second = Server(state_dir=StateDir(tmp_path))  # after kill -9
+    assert second.state_dir is not None
+    second.restore(second.state_dir.load_all())
+    for i, uuid in enumerate(uuids):
+        d = LogDriver(InProcess(second), uuid=uuid, luid=1)
+        assert (d.is_clean(10 + i), d.is_clean(11 - i)) == (0, 1), uuid[60]
+    second.close()
+    first.close()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
 
 from ulogd import statefile, wire
 from ulogd.protocol import RequestType as T
@@ -329,3 +332,32 @@ def test_a_state_file_costs_one_descriptor_the_mappings_own(tmp_path: Path) -> N
     for st in states:
         st.close()
     assert held() == []
+
+
+def test_what_is_not_a_regular_file_is_set_aside_and_the_rest_restored(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    good = sd.create("LVM-good", 1, 64, 8, "512 core 8")
+    good.close()
+    (tmp_path / "adir.0.state").mkdir()
+    (tmp_path / "alink.1.state").symlink_to(good.path)
+    loaded = StateDir(tmp_path).load_all()
+    assert [s.identity.uuid for s in loaded] == ["LVM-good"]
+    assert (tmp_path / "adir.0.corrupt").is_dir()
+    assert (tmp_path / "alink.1.corrupt").is_symlink()
+
+
+def _raw_of(text: str) -> bytes:
+    """The inverse of wire's uuid naming: every backslash starts a ``\\xNN`` escape."""
+    return re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m[1], 16)), text).encode("latin-1")
+
+
+@given(hs.binary(min_size=1, max_size=129).filter(lambda b: b"\0" not in b))
+def test_every_uuid_the_kernel_can_send_has_its_own_name(raw: bytes) -> None:
+    """wire names a uuid injectively (a literal backslash is escaped too), within the state
+    file's room for it."""
+    text = wire._uuid_text(raw.ljust(129, b"\0"))
+    assert _raw_of(text) == raw and len(text) <= statefile.UUID_TEXT_MAX
+
+
+def test_a_backslash_and_the_byte_it_would_spell_are_two_uuids() -> None:
+    assert wire._uuid_text(b"\\xff") != wire._uuid_text(b"\xff")

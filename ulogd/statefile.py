@@ -57,6 +57,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,6 +359,13 @@ class StateDir:
         """The log in ``path``; None when it was set aside (or migrated into a file that was
         loaded already).  ``OSError`` means a resource error: nothing was renamed."""
         try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None  # gone since the directory was listed
+        if not stat.S_ISREG(info.st_mode):
+            self.set_aside(path, "not a regular file")
+            return None
+        try:
             return self._load(path)
         except (StateError, ValueError) as exc:
             self.set_aside(path, str(exc))
@@ -380,7 +388,7 @@ class StateDir:
             path.rename(path.with_suffix(".corrupt"))
 
     def _load(self, path: Path) -> LogState | None:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
             head = os.pread(fd, HEADER_SIZE, 0)
