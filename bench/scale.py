@@ -157,10 +157,11 @@ def resync_cost(regions: int, fills: list[float], calls: int) -> list[dict[str, 
             in_sync = min(regions, round(regions * fill))
             rl.sync[:in_sync] = 1
             rl.clean[:in_sync] = 1
+            rl.sync_count = in_sync  # the bits were set behind the log's back
             firsts: list[int] = []
             for _ in range(FIRST_REPEATS):
-                # suspend + resume: the search starts again at region 0, the count is
-                # recomputed, a recovery handed out before is forgotten
+                # suspend + resume: the search starts again at region 0 (past the end when
+                # all is in sync), a recovery handed out before is forgotten
                 for rtype in (T.PRESUSPEND, T.POSTSUSPEND, T.RESUME):
                     call(server, rtype)
                 assert rl.sync_count == in_sync
