@@ -75,7 +75,6 @@ LAYOUT_VERSION = 3  # 3: named by a hash of the identity, uuid of any bytes; 1 a
 HEADER_SIZE = 4096
 # magic, layout version, header size, luid, region_count, region_size, bitmap_bytes
 _FIXED = struct.Struct("=8sIIQQQQ")
-_VERSION_AT = 8
 # sync_search, recovering, recoverer, flags, saves
 _SCALARS = struct.Struct("=QqiIQ")
 _SCALARS_AT = _FIXED.size
@@ -89,11 +88,6 @@ _OLD_TEXT_AT = _SCALARS_AT + _SCALARS.size
 
 _FLAGS = ("resumed", "recovery_halted", "in_sync_override", "disk_loaded", "disk_failed")
 _FILL = b"\xff" * (1 << 20)
-#: resource errors: the file may be perfectly good, it just cannot be opened now
-RESOURCE_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.ENOSPC,
-     errno.EDQUOT, errno.EINTR, errno.EBUSY}
-)  # fmt: skip
 
 
 class StateError(Exception):
