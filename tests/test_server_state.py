@@ -52,6 +52,8 @@ def test_a_failed_build_answers_the_ctr_with_its_errno_and_leaves_nothing(tmp_pa
     assert server.logs == {} and list(tmp_path.iterdir()) == []
     (again,) = server.receive(_request("LVM-x", T.CTR, b"512 core 8", seq=10))
     assert isinstance(again, Prepare)  # nothing stuck: a later CTR tries again
+    (reply,) = _replies(server.prepared(again.token, None, MemoryError()))
+    assert (reply.seq, reply.error) == (10, -errno.ENOMEM)
     server.close()
 
 

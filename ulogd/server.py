@@ -386,7 +386,7 @@ class Server:
             return self._ctr_offloaded(request, config, device, reconnect)
         try:
             entry = self._create(request.uuid, request.luid, config, device)
-        except (OSError, StateError) as exc:
+        except (OSError, StateError, MemoryError) as exc:
             return [self._ctr_failed(request, config, device, exc)]
         return self._ctr_finish(request, config, reconnect, entry)
 
@@ -398,7 +398,10 @@ class Server:
         one line, an error reply; nothing of the log is left."""
         if device is not None:
             device.close()
-        err = (exc.errno or errno.EIO) if isinstance(exc, OSError) else errno.EINVAL
+        if isinstance(exc, OSError):
+            err = exc.errno or errno.EIO
+        else:
+            err = errno.ENOMEM if isinstance(exc, MemoryError) else errno.EINVAL
         log.error(
             "%s CTR luid=%#x %r refused: its state file (%d bytes) cannot be made: %s",
             tag(request.uuid),
