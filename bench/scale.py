@@ -43,7 +43,7 @@ import common
 from ulogd import wire
 from ulogd.protocol import RequestType as T
 from ulogd.server import Send, Server
-from ulogd.statefile import StateDir
+from ulogd.statefile import StateDir, file_name
 
 UUID = "LVM-benchscale"
 LUID = 3
@@ -98,7 +98,7 @@ def child_memory(regions: int, marks: int) -> dict[str, Any]:
         create_s = time.perf_counter() - t0
         gc.collect()
         after = rss()
-        state_file = sum(p.stat().st_size for p in (root / "logs").glob(f"*@{LUID:016x}.state"))
+        state_file = (root / "logs" / file_name(UUID, LUID)).stat().st_size
         result: dict[str, Any] = {
             "regions": regions,
             "rss_delta_bytes": after - before,
@@ -160,10 +160,11 @@ def resync_cost(regions: int, fills: list[float], calls: int) -> list[dict[str, 
             in_sync = min(regions, round(regions * fill))
             rl.sync[:in_sync] = 1
             rl.clean[:in_sync] = 1
+            rl.sync_count = in_sync  # the bits were set behind the log's back
             firsts: list[int] = []
             for _ in range(FIRST_REPEATS):
-                # suspend + resume: the search starts again at region 0, the count is
-                # recomputed, a recovery handed out before is forgotten
+                # suspend + resume: the search starts again at region 0 (past the end when
+                # all is in sync), a recovery handed out before is forgotten
                 for rtype in (T.PRESUSPEND, T.POSTSUSPEND, T.RESUME):
                     call(server, rtype)
                 assert rl.sync_count == in_sync

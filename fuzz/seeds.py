@@ -69,7 +69,7 @@ def seeds() -> dict[str, list[bytes]]:
     with tempfile.TemporaryDirectory() as tmp:
         state = StateDir(Path(tmp)).create("LVM-seed", 0x10, 100, 8, "800 core 8")
         state.save_scalars(rl.scalars())
-        out["statefile"].append(b"\0" + state.path.read_bytes())
+        out["statefile"].append(b"\0\1" + state.path.read_bytes())
         state.close()
     u = lambda n: struct.pack("<H", n)  # noqa: E731
     life = [

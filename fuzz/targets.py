@@ -16,6 +16,7 @@ long atheris campaign (``fuzz/run.py``) and the short CI run (``tests/test_fuzz_
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import io
 import os
@@ -28,13 +29,13 @@ from pathlib import Path
 
 from bitarray import bitarray
 
-from ulogd import capture, config, ctr, disklog, wire
+from ulogd import capture, config, ctr, disklog, statefile, wire
 from ulogd import protocol as p
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
 from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog, new_bitmaps
+from ulogd.regionlog import RegionLog, new_bitmaps, scalars_problem
 from ulogd.server import DiskRead, DiskWrite, Send, Server
 from ulogd.statefile import StateDir
 
@@ -379,43 +380,102 @@ def check_config(data: bytes) -> None:
 # ---------------------------------------------------------------------------------- state files
 
 
-def _state_file(r: Reader) -> bytes:
-    """Raw bytes, or a header with fuzzed fields and a consistent or fuzzed size."""
-    mode = r.u8() % 3
+_EDGES = (-2, -1, 0, 1, 2, 2**31 - 1, 2**32, 2**40, 2**63 - 1)
+
+
+def _scalar_near(r: Reader, count: int) -> int:
+    """A value around the edges of a log of ``count`` regions, or far outside it."""
+    pick = r.u8() % 14
+    if pick < len(_EDGES):
+        return _EDGES[pick]
+    return count + pick - len(_EDGES) - 2  # count-2 .. count+2
+
+
+def _scalars(r: Reader, count: int) -> bytes:
+    """The 32 scalar bytes: raw, or each field at or beyond the edges of the geometry."""
+    if r.u8() % 2 == 0:
+        return r.take(statefile._SCALARS.size).ljust(statefile._SCALARS.size, b"\0")
+    search = _scalar_near(r, count) & (2**64 - 1)
+    recovering = max(-(2**63), min(2**63 - 1, _scalar_near(r, count)))
+    recoverer = max(-(2**31), min(2**31 - 1, _scalar_near(r, count)))
+    flags = (0, 1, 31, 32, 1 << 31)[r.u8() % 5]
+    return statefile._SCALARS.pack(search, recovering, recoverer, flags, r.u64())
+
+
+def _state_file(r: Reader) -> tuple[bytes, bool]:
+    """Raw bytes, or a layout-1/2/3 header with fuzzed fields (scalars around the geometry's
+    edges) and a consistent or fuzzed size; and whether it is named after its identity."""
+    mode = r.u8() % 5
+    named = r.u8() % 8 != 0
     if mode == 0:
-        return r.rest()
-    count = r.u16() % 5000 if mode == 1 else r.u64()
-    size = ((max(64, -(-count // 64) * 64)) // 8) if mode == 1 else r.u64()
-    head = struct.pack("=8sIIQQQQ", b"ULOGDST1", 1, 4096, r.u64(), count, r.u32(), size)
-    head += r.take(struct.calcsize("=QqiIQ"))
-    ulen, tlen = r.u8(), r.u16() % 400
-    head += struct.pack("=H129sH336s", ulen, r.take(ulen), tlen, r.take(tlen))
-    total = 4096 + 2 * size if mode == 1 else 4096 + r.u16()
+        return r.rest(), named
+    version = (1, 2, 3, 3)[mode - 1] if mode < 4 else r.u32()
+    count = r.u16() % 5000 if mode < 4 else r.u64()
+    size = ((max(64, -(-count // 64) * 64)) // 8) if mode < 4 else r.u64()
+    rsize = (8, 16, 1, r.u32())[r.u8() % 4]
+    if r.u8() % 4:
+        text = f"{count * rsize} core {rsize}{(' nosync', '', ' sync')[r.u8() % 3]}".encode()
+    else:
+        text = r.take(r.u16() % 400)
+    uuid = (b"LVM-fuzz", b"\xff" * 129, b"+" * 60 + b"A" + b"+" * 68, r.take(r.u8()))[r.u8() % 4]
+    head = bytearray(4096)
+    struct.pack_into("=8sIIQQQQ", head, 0, b"ULOGDST1", version & 0xFFFFFFFF, 4096,
+                     r.u64(), count & (2**64 - 1), rsize, size & (2**64 - 1))  # fmt: skip
+    head[48:80] = _scalars(r, count)
+    if version == 3:
+        u = uuid.decode("ascii", "backslashreplace").encode()
+        ulen = len(u) if r.u8() % 8 else r.u16()
+        struct.pack_into(f"=H{statefile.UUID_TEXT_MAX}sH{statefile.CTR_TEXT_MAX}s", head,
+                         statefile._TEXT_AT, ulen, u, len(text), text)  # fmt: skip
+    else:
+        ulen = len(uuid) if r.u8() % 8 else r.u8()
+        struct.pack_into("=H129sH336s", head, 80, ulen, uuid[:129], len(text), text[:336])
+    maps = 2 if version == 1 else 3
+    total = 4096 + maps * size if mode < 4 else 4096 + r.u16()
     body = r.rest()
-    return (head + body).ljust(total, b"\0")[:total]
+    return (bytes(head) + body).ljust(total, b"\0")[:total], named
+
+
+def _name_for(blob: bytes, named: bool) -> str:
+    """Where the fuzzed file is put: named after the identity it holds (if it holds one),
+    else a name no identity has."""
+    if named:
+        with contextlib.suppress(Exception):
+            ident, _version = statefile._parse_header(blob[:4096], len(blob))
+            return statefile.file_name(ident.uuid, ident.luid)
+    return "x.0000.state"
 
 
 def check_statefile(data: bytes) -> None:
     """``StateDir.load_all`` + ``Server.restore`` on one fuzzed state file: never raise; a bad
-    file is moved aside; a restored log answers requests."""
+    file is moved aside (never a resource error); a layout-1/2 file is migrated; a restored
+    log's scalars are in range for its geometry and it answers requests."""
     directory = _scratch_dir() / "state"
     if directory.exists():
         for leftover in directory.iterdir():
             leftover.unlink()
     state_dir = StateDir(directory)
-    blob = _state_file(Reader(data))
-    (directory / "x@0000000000000000.state").write_bytes(blob)
+    blob, named = _state_file(Reader(data))
+    name = _name_for(blob, named)
+    (directory / name).write_bytes(blob)
     states = state_dir.load_all()
     names = sorted(q.name for q in directory.iterdir())
     if not states:
-        assert names == ["x@0000000000000000.corrupt"], names
+        assert names in ([name[: -len(".state")] + ".corrupt"],
+                         [name[: -len(".state")] + ".unbacked"]), names  # fmt: skip
         return
-    assert names == ["x@0000000000000000.state"]
+    (state,) = states
+    assert names == [state.path.name] and state.path.name.endswith(".state"), names
+    ident = state.identity
+    assert state.path.name == statefile.file_name(ident.uuid, ident.luid)
+    assert scalars_problem(ident.region_count, state.load_scalars()) is None
     server = Server(state_dir=state_dir)
     try:
         server.restore(states)
-        for (uuid, luid), _entry in list(server.logs.items()):
-            if not uuid.isascii():
+        for (uuid, luid), entry in list(server.logs.items()):
+            n = entry.log.region_count
+            assert scalars_problem(n, entry.log.scalars()) is None
+            if not uuid.isascii() or "\\" in uuid:
                 continue
             for rtype, payload in (
                 (T.GET_SYNC_COUNT, b""), (T.STATUS_INFO, b""), (T.STATUS_TABLE, b""),
@@ -427,6 +487,11 @@ def check_statefile(data: bytes) -> None:
                 dg = wire.encode_request(rtype, uuid=uuid, luid=luid, seq=7, data=payload)
                 replies = _run(server, dg, {})
                 assert len(replies) == 1, f"{p.type_name(rtype)}: {len(replies)} replies"
+                if rtype == T.GET_RESYNC_WORK:
+                    reply = wire.decode_reply(replies[0])
+                    if reply.error == 0:
+                        more, region = struct.unpack("=qQ", reply.data)
+                        assert not more or region < n, (more, region, n)
     finally:
         server.close()
 

@@ -94,3 +94,11 @@ def test_fio_analysis_on_a_made_up_result() -> None:
     assert out["1"]["ulogd"]["to_core"] == pytest.approx(101 / 201)
     assert out["1"]["ulogd"]["requests_per_write"] == 6.0
     assert out["1"]["ulogd"]["daemon_busy_fraction"] == pytest.approx(0.06)
+
+
+def test_huge_log_stall(tmp_path: Path) -> None:
+    data = run_quick("huge_log_stall", tmp_path)
+    (one,) = data["rounds"]
+    assert one["create_s"] > 0 and one["census_s"] > 0
+    assert one["idle_longest_wait_ms"] > 0 and one["create_longest_wait_ms"] > 0
+    assert data["log2"] == 24 and data["worst_wait_ms"] >= one["create_longest_wait_ms"]

@@ -122,6 +122,8 @@ def test_unit_contract() -> None:
     assert unit_values("DeviceAllow") == ["block-* rwm", "/dev/mapper/control rw"]
     assert "AF_NETLINK" in service["RestrictAddressFamilies"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # one descriptor per log and the 10 000 logs docs/operations.rst promises, with room
+    assert int(service["LimitNOFILE"]) >= 2 * 10_000 + 64
 
 
 def test_cluster_drop_in_pulls_corosync_in(tmp_path: Path) -> None:
@@ -190,6 +192,7 @@ def test_syscall_filter_admits_what_the_daemon_calls() -> None:
         "pwrite64", "fdatasync", "fsync", "ioctl", "flock", "mknodat", "renameat",
         "unlinkat", "mkdirat", "clone3", "futex", "rt_sigaction", "getpid", "lseek",
         "ftruncate", "fallocate", "newfstatat", "statx", "umask", "prctl", "kill",
+        "preadv", "prlimit64",
     }  # fmt: skip
     assert needed - allowed == set()
 

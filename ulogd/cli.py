@@ -240,16 +240,48 @@ def cmd_run(args: argparse.Namespace) -> int:
             config.DEFAULT_PATH,
         )
     ready_fd = None if args.foreground else _detach()
+    _raise_fd_limit()
     try:
         daemon = _build_daemon(args)
+        try:
+            daemon.announce_ready()
+        except Exception:
+            daemon.server.close()
+            raise
     except Exception as exc:
         log.error("cannot start: %s", exc)
         _report(ready_fd, f"error: {exc}")
         return EXIT_SETUP
-    daemon.announce_ready()
     _report(ready_fd, "ready")
     daemon.run()
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Each log holds one descriptor (its state file's mapping): take the hard limit as the
+    soft one (the loop uses epoll, so descriptors past 1024 are fine)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, exc)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < 16 + SUPPORTED_LOGS:
+        log.warning(
+            "descriptor limit %d: fewer than the %d logs ulogd supports can be created "
+            "(each holds one descriptor); raise LimitNOFILE / ulimit -n",
+            soft,
+            SUPPORTED_LOGS,
+        )
+
+
+#: logs per daemon the documentation promises (docs/operations.rst, "Limits")
+SUPPORTED_LOGS = 10_000
+#: state files from this size on are built and counted off the event loop
+OFFLOAD_BYTES = 1 << 20
 
 
 def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -304,6 +336,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         layout=layout,
         cluster=clustered,
         member_pid=os.getpid(),
+        offload_bytes=OFFLOAD_BYTES,
     )
     capture = None
     daemon_box: list[Daemon] = []
@@ -317,7 +350,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         # Before restore(), so that errors about restored logs reach ``dm-ulogd status``.
         attach_services(daemon, run_dir, getattr(args, "settings", None))
         assert server.state_dir is not None
-        rejoins = server.restore(server.state_dir.load_all())
+        restored = server.restore(server.state_dir.load_all())
         if args.capture:
             from ulogd.capture import CaptureWriter
 
@@ -341,8 +374,9 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 metrics=daemon.metrics,
             )
             daemon.at_shutdown(daemon.cluster.close)
-            # Restored clustered logs rejoin their groups before they answer anything.
-            daemon.execute(rejoins)
+        # Restored clustered logs rejoin their groups before they answer anything; huge
+        # restored logs are counted by a worker thread.
+        daemon.execute(restored)
     except BaseException:
         server.close()
         raise

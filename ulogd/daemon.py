@@ -52,6 +52,7 @@ from ulogd.server import (
     Join,
     Leave,
     LogDevice,
+    Prepare,
     Send,
     Server,
     about,
@@ -123,6 +124,36 @@ class DiskWorker:
             os.eventfd_write(self._wake, 1)
 
 
+class JobWorker:
+    """Runs :class:`~ulogd.server.Prepare` jobs (building or counting a huge log's state
+    file) in order, off the event loop; results go to the same queue as disk I/O."""
+
+    def __init__(self, done: queue.SimpleQueue[Any], wake: int) -> None:
+        self._jobs: queue.SimpleQueue[Prepare | None] = queue.SimpleQueue()
+        self._done = done
+        self._wake = wake
+        self._thread = threading.Thread(target=self._run, name="ulogd-state", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Prepare) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = job.job()
+            except Exception as exc:  # reported to the server, which answers for it
+                error = exc
+            self._done.put((job.token, result, error))
+            os.eventfd_write(self._wake, 1)
+
+
 class Daemon:
     """Runs a :class:`Server` on a :class:`Transport` until told to stop."""
 
@@ -139,10 +170,12 @@ class Daemon:
         self.run_dir = run_dir
         self.capture = capture
         self._selector = selectors.DefaultSelector()
-        self._done: queue.SimpleQueue[tuple[int, bytes | None, OSError | None]] = (
-            queue.SimpleQueue()
-        )
+        self._done: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+        self._jobs: JobWorker | None = None
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Every descriptor the loop needs is made here, so that a start without enough of
+        # them fails before it announces readiness (one "cannot start" line, no traceback).
+        self._rsig, self._wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._workers: dict[int, DiskWorker] = {}
         self._retired = DiskCounts()
         self._stop = False
@@ -248,8 +281,13 @@ class Daemon:
         """Write the pid file and tell systemd (Type=notify) that requests are served."""
         if self.run_dir is not None:
             tmp = self.run_dir / "ulogd.pid.new"
-            tmp.write_text(f"{os.getpid()}\n")
-            tmp.rename(self.run_dir / "ulogd.pid")
+            try:
+                tmp.write_text(f"{os.getpid()}\n")
+                tmp.rename(self.run_dir / "ulogd.pid")
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise RuntimeError(f"cannot write the pid file {tmp}: {exc.strerror}") from exc
         self._status_sent = self.status_text()
         sd_notify(f"READY=1\nSTATUS={self._status_sent}")
         log.info(
@@ -261,7 +299,7 @@ class Daemon:
         sel = self._selector
         sel.register(self.transport.fileno(), selectors.EVENT_READ, self._on_transport)
         sel.register(self._wake, selectors.EVENT_READ, self._on_disk_done)
-        rsig, wsig = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        rsig, wsig = self._rsig, self._wsig
         sel.register(rsig, selectors.EVENT_READ, lambda: self._on_signal(rsig))
         old_wakeup = signal.set_wakeup_fd(wsig, warn_on_full_buffer=False)
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
@@ -367,6 +405,10 @@ class Daemon:
                     self.capture.record(Direction.FROM_DAEMON, action.data)
             elif isinstance(action, Cycle):
                 self._cycle(action.key)
+            elif isinstance(action, Prepare):
+                if self._jobs is None:
+                    self._jobs = JobWorker(self._done, self._wake)
+                self._jobs.submit(action)
             elif isinstance(action, Join | ClusterSend | Leave):
                 if self.cluster is None:
                     log.error("cluster action without a cluster link: %s", type(action).__name__)
@@ -460,6 +502,8 @@ class Daemon:
         sd_notify("STOPPING=1")
         for worker in self._workers.values():
             worker.stop()
+        if self._jobs is not None:
+            self._jobs.stop()
         self._on_disk_done()  # answer what the workers finished
         for callback in self._at_shutdown:
             try:

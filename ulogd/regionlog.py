@@ -110,15 +110,36 @@ def new_bitmaps(config: LogConfig) -> tuple[bitarray, bitarray]:
     return clean, sync
 
 
+def initial_bit(config: LogConfig) -> int:
+    """A new log's clean and sync bit for every region: in sync only with ``nosync``; clean
+    exactly where in sync (no write is outstanding yet, but a region that must be recovered is
+    never called clean).  A state file is built with this value (see ``statefile``)."""
+    return 1 if config.sync is SyncMode.NOSYNC else 0
+
+
 def initialise(config: LogConfig, clean: bitarray, sync: bitarray) -> None:
-    """A new log: in sync only with ``nosync``; clean exactly where in sync (no write is
-    outstanding yet, but a region that must be recovered is never called clean)."""
+    """Fill in-memory bitmaps of a new log (see :func:`initial_bit`)."""
     n = config.region_count
     clean.setall(0)
     sync.setall(0)
-    if config.sync is SyncMode.NOSYNC:
+    if initial_bit(config):
         sync[:n] = 1
         clean[:n] = 1
+
+
+def scalars_problem(region_count: int, s: Scalars) -> str | None:
+    """Why restored scalars cannot belong to a log of ``region_count`` regions (None: they
+    can).  The one range check of restored scalars: state files and cluster snapshots."""
+    n = region_count
+    if not 0 <= s.sync_search <= n + 1:
+        return f"sync search position {s.sync_search} outside 0..{n + 1}"
+    if not -1 <= s.recovering < n:
+        return f"region under recovery {s.recovering} outside -1..{n - 1}"
+    if s.recovering >= 0 and s.recoverer < 0:
+        return f"region {s.recovering} under recovery by no node ({s.recoverer})"
+    if s.recoverer < -1:
+        return f"recovering node {s.recoverer} is not a node id"
+    return None
 
 
 class RegionLog:
@@ -133,7 +154,10 @@ class RegionLog:
         local_node: int = 0,
         device_id: str | None = None,
         mine: bitarray | None = None,
+        sync_count: int | None = None,
     ) -> None:
+        """``sync_count``: the number of sync bits when the caller knows it (a new log, or a
+        count made elsewhere), so that a huge log is not counted here."""
         n = config.region_count
         if len(clean) < n or len(sync) < n:
             raise ValueError("bitmaps shorter than the region count")
@@ -151,7 +175,7 @@ class RegionLog:
         self.region_count = n
         self.clean = clean
         self.sync = sync
-        self.sync_count = sync.count(1, 0, n)
+        self.sync_count = sync.count(1, 0, n) if sync_count is None else sync_count
         self.device_id = device_id  # "MAJ:MIN" of the log device, for status strings
         self.holders: dict[int, set[int]] = {}
         self.members: set[int] = {local_node}
@@ -184,6 +208,9 @@ class RegionLog:
         )
 
     def restore_scalars(self, s: Scalars) -> None:
+        """Scalars saved by a previous daemon (checked with :func:`scalars_problem` first)."""
+        if problem := scalars_problem(self.region_count, s):
+            raise ValueError(problem)
         self.sync_search = s.sync_search
         self.recovering = s.recovering
         self.recoverer = s.recoverer
@@ -192,7 +219,6 @@ class RegionLog:
         self.in_sync_override = s.in_sync_override
         self.disk_loaded = s.disk_loaded
         self.disk_failed = s.disk_failed
-        self.sync_count = self.sync.count(1, 0, self.region_count)
         # What was written before the restart is unknown: rewrite everything on next flush.
         self.full_write = self.has_disk
         self.scalars_changed = False
@@ -211,13 +237,14 @@ class RegionLog:
             self.full_write = True
         self.scalars_changed = True
 
-    def restore_own_marks(self) -> int:
+    def restore_own_marks(self, marks: Iterable[int] | None = None) -> int:
         """After a daemon restart: this node's kernel still holds the marks it was
-        acknowledged (``mine``); they become its mark references again.  Returns how many."""
+        acknowledged (``mine``, or ``marks`` when the caller found them there already); they
+        become its mark references again.  Returns how many."""
         n = self.region_count
         node = self.local_node
         count = 0
-        for r in self.mine[:n].search(1):
+        for r in self.mine.search(1, 0, n) if marks is None else marks:
             self.holders.setdefault(r, set()).add(node)
             self._set_clean(r, 0)
             count += 1
@@ -471,9 +498,11 @@ class RegionLog:
         self.resumed = True
         self.recovery_halted = False
         self.in_sync_override = False
-        self.sync_search = 0
+        # ``sync_count`` is kept exact, so a log wholly in sync has nothing to search (a
+        # scan of a 2^32-region bitmap costs the event loop a noticeable pause).
+        n = self.region_count
+        self.sync_search = n + 1 if self.sync_count >= n else 0
         self.priority.clear()
-        self.sync_count = self.sync.count(1, 0, self.region_count)
         self.scalars_changed = True
 
     def load_disk(self, image_clean: bitarray | None, nr_regions: int, read_failed: bool) -> None:
@@ -495,6 +524,7 @@ class RegionLog:
         if known < n:
             self.clean[known:n] = 1 if self.config.sync is SyncMode.NOSYNC else 0
         self.sync[:n] = self.clean[:n]
+        self.sync_count = self.sync.count(1, 0, n)
         self.holders.clear()
         self.disk_loaded = True
         self.full_write = True

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import struct
@@ -45,7 +46,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ulogd import ctr, disklog, wire
 from ulogd import protocol as p
@@ -53,8 +54,8 @@ from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
 from ulogd.protocol import RequestType as T
 from ulogd.ratelimit import RateLimiter
-from ulogd.regionlog import RegionLog, Rejoin, Resume, initialise
-from ulogd.statefile import LogState, MemoryState, StateDir
+from ulogd.regionlog import RegionLog, Rejoin, Resume, initial_bit, initialise
+from ulogd.statefile import LogState, MemoryState, StateDir, StateError, file_size
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,19 @@ class Cycle:
     key: tuple[str, int]
 
 
-Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave | Cycle
+@dataclass(slots=True)
+class Prepare:
+    """Heavy state-file work for a worker thread: building a huge log's file at its CTR, or
+    counting a restored one.  The caller runs ``job()`` off the event loop (it releases the
+    interpreter lock in system calls or every few milliseconds) and reports its result or
+    exception with :meth:`Server.prepared`; meanwhile every other log is served."""
+
+    token: int
+    job: Callable[[], Any]
+    uuid: str
+
+
+Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave | Cycle | Prepare
 
 #: requests that change replicated state: ordered through the group unless alone
 GROUP_TYPES = frozenset(
@@ -193,12 +206,16 @@ class Entry:
     #: restored from a state file in cluster mode: (resumed, halted, override) of this node's
     #: kernel, kept while the log rejoins its group; requests wait until it has
     restored_flags: tuple[bool, bool, bool] | None = None
+    #: a restored huge log whose bitmaps are being counted off the event loop
+    preparing: bool = False
 
     @property
     def waiting(self) -> bool:
-        """Requests must queue: disk I/O in flight, or the group's state not here yet."""
+        """Requests must queue: disk I/O in flight, the group's state not here yet, or a
+        restored log not counted yet."""
         return (
             self.busy
+            or self.preparing
             or self.resume_request is not None
             or self.orphaned is not None
             or self.restored_flags is not None
@@ -241,8 +258,14 @@ class Server:
         cluster: bool = False,
         member_pid: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        offload_bytes: int | None = None,
     ) -> None:
         self.state_dir = state_dir
+        #: state files of at least this size are built and counted by :class:`Prepare`
+        #: actions (None: always here, as tests and the replay tool want)
+        self.offload_bytes = offload_bytes
+        self._preparing: dict[int, Callable[[Any, BaseException | None], list[Action]]] = {}
+        self._building: dict[tuple[str, int], list[wire.Request]] = {}
         self.open_device = open_device
         self.local_node = local_node
         #: clustered-* logs join a process group (else they run as a group of one)
@@ -313,11 +336,19 @@ class Server:
             return []
         return self._dispatch(entry, request)
 
-    def disk_done(self, token: int, data: bytes | None, error: OSError | None) -> list[Action]:
-        """The outcome of a :class:`DiskRead`/:class:`DiskWrite`; returns what follows."""
+    def disk_done(self, token: int, data: Any, error: BaseException | None) -> list[Action]:
+        """The outcome of a :class:`DiskRead`/:class:`DiskWrite` (or of a :class:`Prepare`);
+        returns what follows."""
+        if token in self._preparing:
+            return self.prepared(token, data, error)
+        assert error is None or isinstance(error, OSError)
         entry, continuation = self._pending.pop(token)
         entry.busy = False
         return continuation(data, error) + self._drain(entry)
+
+    def prepared(self, token: int, result: Any, error: BaseException | None) -> list[Action]:
+        """The outcome of a :class:`Prepare` job; returns what follows."""
+        return self._preparing.pop(token)(result, error)
 
     def _drain(self, entry: Entry) -> list[Action]:
         actions: list[Action] = []
@@ -490,8 +521,12 @@ class Server:
                 "(reconnect)" if reconnect else "(repeated)",
             )
             return [self._ctr_reply(request, config, reconnect, existing.device)]
+        building = self._building.get(request.key)
+        if building is not None:
+            building.append(request)  # answered once its state file is ready
+            return []
         try:
-            entry = self._create(request.uuid, request.luid, config)
+            device = self._open_device(config) if config.log_device else None
         except DeviceError as exc:
             log.error(
                 "%s CTR %r: log device: %s",
@@ -501,16 +536,88 @@ class Server:
                 extra=about(request.key),
             )
             return [self._reply(request, -exc.errno)]
-        except OSError as exc:
-            log.error(
-                "%s CTR luid=%#x %s refused: cannot create its state file: %s",
-                tag(request.uuid),
-                request.luid,
-                config.text,
-                describe_oserror(exc),
-                extra=about(request.key),
-            )
-            return [self._reply(request, _error_of(exc))]
+        offload = self.offload_bytes
+        if (
+            self.state_dir is not None
+            and offload is not None
+            and file_size(config.region_count) >= offload
+        ):
+            return self._ctr_offloaded(request, config, device, reconnect)
+        try:
+            entry = self._create(request.uuid, request.luid, config, device)
+        except (OSError, StateError, MemoryError) as exc:
+            return [self._ctr_failed(request, config, device, exc)]
+        return self._ctr_finish(request, config, reconnect, entry)
+
+    def _ctr_failed(
+        self, request: wire.Request, config: ctr.LogConfig, device: LogDevice | None,
+        exc: BaseException,
+    ) -> Send:  # fmt: skip
+        """The log's state file could not be made (full run directory, descriptor limit...):
+        one line, an error reply; nothing of the log is left."""
+        if device is not None:
+            device.close()
+        if isinstance(exc, OSError):
+            err = exc.errno or errno.EIO
+        else:
+            err = errno.ENOMEM if isinstance(exc, MemoryError) else errno.EINVAL
+        log.error(
+            "%s CTR luid=%#x %r refused: its state file (%d bytes) cannot be made: %s",
+            tag(request.uuid),
+            request.luid,
+            config.text,
+            file_size(config.region_count),
+            describe_oserror(exc) if isinstance(exc, OSError) else exc,
+            extra=about(request.key),
+        )
+        return self._reply(request, -err)
+
+    def _ctr_offloaded(
+        self,
+        request: wire.Request,
+        config: ctr.LogConfig,
+        device: LogDevice | None,
+        reconnect: bool,
+    ) -> list[Action]:
+        """A huge log: its state file is built by a :class:`Prepare` job; the CTR (and any
+        repeat of it) is answered when the file is ready."""
+        assert self.state_dir is not None
+        key = request.key
+        self._building[key] = [request]
+        job = functools.partial(
+            self.state_dir.create,
+            request.uuid,
+            request.luid,
+            config.region_count,
+            config.region_size,
+            config.text,
+            initial_bit(config),
+        )
+
+        def built(state: Any, error: BaseException | None) -> list[Action]:
+            waiting = self._building.pop(key)
+            if error is not None:
+                failed: list[Action] = [self._ctr_failed(request, config, device, error)]
+                return failed + [self._reply(r, -errno.EAGAIN) for r in waiting[1:]]
+            entry = self._entry(config, state, device, key)
+            actions = self._ctr_finish(request, config, reconnect, entry)
+            for later in waiting[1:]:
+                actions += self._ctr(later)
+            return actions
+
+        token = self._token()
+        self._preparing[token] = built
+        log.info(
+            "%s CTR luid=%#x: building its %d-byte state file beside the other logs",
+            tag(request.uuid),
+            request.luid,
+            file_size(config.region_count),
+        )
+        return [Prepare(token, job, request.uuid)]
+
+    def _ctr_finish(
+        self, request: wire.Request, config: ctr.LogConfig, reconnect: bool, entry: Entry
+    ) -> list[Action]:
         if reconnect:
             # The kernel reconnected but nothing of this log was kept: it may be writing
             # regions the group holds for this node; they stay its marks.
@@ -564,21 +671,27 @@ class Server:
             return self._reply(request, -errno.ENAMETOOLONG)
         return self._reply(request, 0, name)
 
-    def _create(self, uuid: str, luid: int, config: ctr.LogConfig) -> Entry:
-        device = self._open_device(config) if config.log_device else None
-        try:
-            if self.state_dir is not None:
-                state: LogState | MemoryState = self.state_dir.create(
-                    uuid, luid, config.region_count, config.region_size, config.text
-                )
-            else:
-                state = MemoryState(config.region_count)
-        except BaseException:
-            if device is not None:
-                device.close()
-            raise
-        initialise(config, state.clean, state.sync)
-        state.mine.setall(0)
+    def _create(
+        self, uuid: str, luid: int, config: ctr.LogConfig, device: LogDevice | None
+    ) -> Entry:
+        if self.state_dir is not None:
+            state: LogState | MemoryState = self.state_dir.create(
+                uuid, luid, config.region_count, config.region_size, config.text,
+                initial_bit(config),
+            )  # fmt: skip
+        else:
+            state = MemoryState(config.region_count)
+            initialise(config, state.clean, state.sync)
+        return self._entry(config, state, device, (uuid, luid))
+
+    def _entry(
+        self,
+        config: ctr.LogConfig,
+        state: LogState | MemoryState,
+        device: LogDevice | None,
+        key: tuple[str, int],
+    ) -> Entry:
+        """A new log on bitmaps built with :func:`initial_bit` (not counted again)."""
         rl = RegionLog(
             config,
             state.clean,
@@ -586,8 +699,9 @@ class Server:
             local_node=self.local_node,
             device_id=_device_id(device, config),
             mine=state.mine,
+            sync_count=config.region_count * initial_bit(config),
         )
-        return Entry(rl, state, device, (uuid, luid))
+        return Entry(rl, state, device, key)
 
     def _open_device(self, config: ctr.LogConfig) -> LogDevice:
         assert config.log_device is not None
@@ -631,15 +745,11 @@ class Server:
                     ident.region_size,
                 ):
                     raise ctr.CtrError(22, "geometry differs from the constructor text")
-            except ctr.CtrError as exc:
-                log.error(
-                    "%s state file %s unusable: %s",
-                    tag(ident.uuid),
-                    state.path,
-                    exc,
-                    extra=about((ident.uuid, ident.luid)),
-                )
+                scalars = state.load_scalars()
+            except (ctr.CtrError, StateError) as exc:
                 state.close()
+                if self.state_dir is not None:
+                    self.state_dir.set_aside(state.path, f"{tag(ident.uuid)} {exc}")
                 continue
             device = None
             if config.log_device:
@@ -654,21 +764,50 @@ class Server:
                         exc,
                         extra=about((ident.uuid, ident.luid)),
                     )
-            rl = RegionLog(
-                config,
-                state.clean,
-                state.sync,
-                local_node=self.local_node,
-                device_id=_device_id(device, config),
-                mine=state.mine,
+            # A huge log is counted by a Prepare job (requests for it wait meanwhile); a
+            # clustered one in cluster mode rejoins its group at once, so it is counted here.
+            deferred = (
+                self.offload_bytes is not None
+                and state.size >= self.offload_bytes
+                and not (self.cluster and config.clustered)
             )
-            rl.restore_scalars(state.load_scalars())
-            rl.restore_own_marks()
+            try:
+                rl = RegionLog(
+                    config,
+                    state.clean,
+                    state.sync,
+                    local_node=self.local_node,
+                    device_id=_device_id(device, config),
+                    mine=state.mine,
+                    sync_count=0 if deferred else None,
+                )
+                rl.restore_scalars(scalars)
+            except ValueError as exc:
+                if device is not None:
+                    device.close()
+                state.close()
+                if self.state_dir is not None:
+                    self.state_dir.set_aside(state.path, f"{tag(ident.uuid)} {exc}")
+                continue
             if config.log_device and device is None:
                 rl.disk_failed = True
             key = (ident.uuid, ident.luid)
             entry = Entry(rl, state, device, key, rejoin=Rejoin.REPLACE)
             self.logs[key] = entry
+            if deferred:
+                entry.preparing = True
+                token = self._token()
+                self._preparing[token] = functools.partial(self._counted, entry)
+                actions.append(Prepare(token, state.census, ident.uuid))
+                log.info(
+                    "%s restored luid=%#x from %s: counting its %d regions beside the other logs",
+                    tag(ident.uuid),
+                    ident.luid,
+                    state.path.name,
+                    rl.region_count,
+                )
+                continue
+            rl.restore_own_marks()
             log.info(
                 "%s restored luid=%#x from %s: %s",
                 tag(ident.uuid),
@@ -707,6 +846,23 @@ class Server:
                 describe_oserror(failure),
                 extra=about((ident.uuid, ident.luid)),
             )
+
+    def _counted(self, entry: Entry, result: Any, error: BaseException | None) -> list[Action]:
+        """A restored huge log's census is in: it answers from now on."""
+        rl = entry.log
+        if entry.state is not getattr(self.logs.get(entry.key), "state", None):
+            return []  # removed meanwhile
+        if error is None:
+            rl.sync_count, marks = result
+            rl.restore_own_marks(marks)
+        else:  # counted here instead: slower, never wrong
+            log.error("%s counting the restored log failed (%s): counting it here",
+                      tag(entry.key[0]), error)  # fmt: skip
+            rl.sync_count = rl.sync.count(1, 0, rl.region_count)
+            rl.restore_own_marks()
+        entry.preparing = False
+        log.info("%s restored luid=%#x: %s", tag(entry.key[0]), entry.key[1], rl.describe())
+        return self._drain(entry)
 
     def _dtr(self, entry: Entry, request: wire.Request) -> list[Action]:
         actions: list[Action] = []

@@ -150,7 +150,10 @@ def _uuid_text(raw: bytes) -> str:
     text = _uuid_cache.get(raw)
     if text is None:
         end = raw.find(b"\0")
-        text = (raw if end < 0 else raw[:end]).decode("ascii", "backslashreplace")
+        name = raw if end < 0 else raw[:end]
+        if b"\\" in name:  # escaped too, so that no two uuids share a text
+            name = name.replace(b"\\", b"\\x5c")
+        text = name.decode("ascii", "backslashreplace")
         if len(_uuid_cache) >= _MAX_UUID_CACHE:
             _uuid_cache.clear()
         _uuid_cache[raw] = text

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from ulogd.regionlog import CHUNK_SHIFT, RegionLog
+from ulogd.regionlog import CHUNK_SHIFT, RegionLog, Scalars, scalars_problem
 
 _HEAD = struct.Struct("<4sIQQQqqIIIIIIIQI")
 _MAGIC = b"UCK2"
@@ -127,12 +127,13 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
     if pos != len(body) or any(r >= n for r in holders) or any(r >= n for r in priority):
         raise CheckpointError("snapshot body inconsistent")
     # What no replica can be in: a held or out-of-sync region clean, a recovery or search
-    # position outside the log, a disk chunk past its end.
+    # position outside the log (the range check RegionLog owns), a disk chunk past its end.
+    recoverer_id = recoverer if recoverer != 0xFFFFFFFF else -1
+    scalars = Scalars(search, recovering, recoverer_id, *[False] * 5)
     if (
         any(clean[r] for r in holders)
         or (clean[:n] & ~sync[:n]).any()
-        or not -1 <= recovering < n
-        or not 0 <= search <= n + 1
+        or scalars_problem(n, scalars) is not None
         or any(c > (n - 1) >> CHUNK_SHIFT for c in dirty)
     ):
         raise CheckpointError("snapshot state inconsistent")
@@ -145,7 +146,7 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
     rl.dirty_chunks = dirty
     rl.sync_search = search
     rl.recovering = recovering
-    rl.recoverer = recoverer if recoverer != 0xFFFFFFFF else -1
+    rl.recoverer = recoverer_id
     rl.disk_failed = bool(flags & _FLAG_DISK_FAILED)
     rl.full_write = bool(flags & _FLAG_FULL_WRITE)
     rl.in_sync_override = bool(flags & _FLAG_OVERRIDE)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ulogd import wire
 from ulogd.protocol import RequestType as T
-from ulogd.server import DiskRead, DiskWrite, Send, Server
+from ulogd.server import DiskRead, DiskWrite, Prepare, Send, Server
 
 _seq = itertools.count(1)
 
@@ -53,6 +53,13 @@ class InProcess:
                 except OSError as exc:
                     error = exc
                 actions += self.server.disk_done(action.token, data, error)
+            elif isinstance(action, Prepare):
+                result, failure = None, None
+                try:
+                    result = action.job()
+                except Exception as exc:
+                    failure = exc
+                actions += self.server.prepared(action.token, result, failure)
         return replies
 
 
