@@ -34,8 +34,10 @@ from ulogd import protocol as p
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
+from ulogd.protocol import S64
 from ulogd.protocol import RequestType as T
 from ulogd.regionlog import RegionLog, new_bitmaps, scalars_problem
+from ulogd.requests import OPERATIONS
 from ulogd.server import DiskRead, DiskWrite, Send, Server
 from ulogd.statefile import StateDir
 
@@ -713,7 +715,8 @@ def _model(
     if entry is None:
         marked.pop(key, None)
         return
-    regions = set(struct.unpack(f"={len(request.data) // 8}Q", request.data)) if rtype in (
+    row = OPERATIONS[rtype]  # the payload codec the server decodes it with
+    regions = set(row.decode(request.data)) if rtype in (
         T.MARK_REGION, T.CLEAR_REGION, T.FLUSH) else set()  # fmt: skip
     mine = marked.setdefault(key, set())
     if rtype == T.RESUME and not was_resumed:
@@ -723,9 +726,9 @@ def _model(
     elif rtype == T.CLEAR_REGION and reply.error == 0:
         mine -= regions
     elif rtype == T.IS_CLEAN and reply.error == 0:
-        region = struct.unpack("=Q", request.data)[0]
+        region = row.decode(request.data)[0]
         if region in mine:
-            assert struct.unpack("=q", reply.data)[0] == 0, f"marked region {region} is clean"
+            assert S64.unpack(reply.data)[0] == 0, f"marked region {region} is clean"
     for region in mine:
         assert not entry.log.clean[region], f"marked region {region} recorded clean"
 

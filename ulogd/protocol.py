@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import struct
 from dataclasses import dataclass
 
 CN_IDX_DM = 7
@@ -91,6 +92,21 @@ SPECS: dict[int, RequestSpec] = {
     RequestType.STATUS_TABLE: RequestSpec(Payload.NONE, STATUS_CAPACITY),
     RequestType.IS_REMOTE_RECOVERING: RequestSpec(Payload.REGION, 16),
 }
+
+
+#: The payload codecs, declared once (native byte order, as the kernel sends them):
+#: a region or a count (u64), a yes/no answer (s64), a pair answer (s64, u64: GET_RESYNC_WORK's
+#: ``{i; region}``, IS_REMOTE_RECOVERING's ``{recovering; hint}``) and SET_REGION_SYNC's
+#: ``{u64 region; s64 in_sync}``.
+U64 = struct.Struct("=Q")
+S64 = struct.Struct("=q")
+PAIR = struct.Struct("=qQ")
+REGION_SYNC = struct.Struct("=Qq")
+
+
+def regions(data: bytes) -> memoryview | tuple[()]:
+    """A region list payload (u64[]) as a sequence of ints, without copying."""
+    return memoryview(data).cast("Q") if data else ()
 
 
 def type_name(request_type: int) -> str:

@@ -180,14 +180,14 @@ def _payload_text(request_type: int | None, data: bytes) -> str:
     """A reply payload, decoded the way the kernel reads it for that request type."""
     try:
         if request_type in (T.GET_REGION_SIZE, T.GET_SYNC_COUNT) and len(data) == 8:
-            return str(struct.unpack("=Q", data)[0])
+            return str(p.U64.unpack(data)[0])
         if request_type in (T.IS_CLEAN, T.IN_SYNC) and len(data) == 8:
-            return str(struct.unpack("=q", data)[0])
+            return str(p.S64.unpack(data)[0])
         if request_type == T.GET_RESYNC_WORK and len(data) == 16:
-            i, r = struct.unpack("=qQ", data)
+            i, r = p.PAIR.unpack(data)
             return f"work={i} region={r}"
         if request_type == T.IS_REMOTE_RECOVERING and len(data) == 16:
-            rec, hint = struct.unpack("=qQ", data)
+            rec, hint = p.PAIR.unpack(data)
             return f"recovering={rec} hint={hint}"
         if request_type in (T.STATUS_INFO, T.STATUS_TABLE, T.CTR):
             return repr(data.decode("ascii", "backslashreplace"))
@@ -206,13 +206,13 @@ def request_text(request: wire.Request) -> str:
         text = (data[:-1] if nul else data).decode("ascii", "backslashreplace")
         return f"{name} {text!r}" + (" +NUL (reconnect)" if nul else "")
     if shape is p.Payload.REGION and len(data) == 8:
-        return f"{name} region {struct.unpack('=Q', data)[0]}"
+        return f"{name} region {p.U64.unpack(data)[0]}"
     if shape is p.Payload.REGIONS and data:
-        regions = list(memoryview(data).cast("Q"))
+        regions = list(p.regions(data))
         shown = ", ".join(map(str, regions[:16])) + (", ..." if len(regions) > 16 else "")
         return f"{name} regions [{shown}]"
     if shape is p.Payload.REGION_SYNC and len(data) == 16:
-        region, in_sync = struct.unpack("=Qq", data)
+        region, in_sync = p.REGION_SYNC.unpack(data)
         return f"{name} region {region} in_sync={in_sync}"
     return name
 

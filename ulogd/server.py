@@ -40,7 +40,6 @@ import errno
 import functools
 import logging
 import os
-import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from ulogd.cluster.group import Group
 from ulogd.protocol import RequestType as T
 from ulogd.ratelimit import RateLimiter
 from ulogd.regionlog import RegionLog, Rejoin, Resume, initial_bit, initialise
+from ulogd.requests import OPERATIONS, ORDERED
 from ulogd.statefile import LogState, MemoryState, StateDir, StateError, file_size
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,6 @@ _REGION_TYPES = frozenset(
         T.IS_REMOTE_RECOVERING,
     )
 )
-_U64 = struct.Struct("=Q")
-_S64 = struct.Struct("=q")
-_PAIR = struct.Struct("=qQ")
-_REGION_SYNC = struct.Struct("=Qq")
 
 
 class LogDevice(Protocol):
@@ -172,16 +168,7 @@ class Prepare:
 Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave | Cycle | Prepare
 
 #: requests that change replicated state: ordered through the group unless alone
-GROUP_TYPES = frozenset(
-    {
-        T.MARK_REGION,
-        T.CLEAR_REGION,
-        T.FLUSH,
-        T.GET_RESYNC_WORK,
-        T.SET_REGION_SYNC,
-        T.IS_REMOTE_RECOVERING,
-    }
-)
+GROUP_TYPES = ORDERED
 Continuation = Callable[[bytes | None, OSError | None], list[Action]]
 
 
@@ -286,23 +273,12 @@ class Server:
         #: state files of destroyed logs whose removal failed: path → inode (see
         #: :meth:`retry_removals`); each also carries the DESTROYED tombstone
         self.unremoved: dict[Path, int] = {}
-        self._handlers: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
+        #: the life-cycle requests (rows without a RegionLog operation: ulogd.requests)
+        self._lifecycle: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
             T.PRESUSPEND: self._presuspend,
             T.POSTSUSPEND: self._postsuspend,
             T.RESUME: self._resume,
-            T.GET_REGION_SIZE: self._get_region_size,
-            T.IS_CLEAN: self._is_clean,
-            T.IN_SYNC: self._in_sync,
-            T.FLUSH: self._flush,
-            T.MARK_REGION: self._mark,
-            T.CLEAR_REGION: self._clear,
-            T.GET_RESYNC_WORK: self._get_resync_work,
-            T.SET_REGION_SYNC: self._set_region_sync,
-            T.GET_SYNC_COUNT: self._get_sync_count,
-            T.STATUS_INFO: self._status_info,
-            T.STATUS_TABLE: self._status_table,
-            T.IS_REMOTE_RECOVERING: self._is_remote_recovering,
         }
 
     # ------------------------------------------------------------------ entry points
@@ -417,12 +393,26 @@ class Server:
         return named
 
     def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
+        """Serve one request through its row of :data:`ulogd.requests.OPERATIONS`: the
+        group orders it, or the engine runs a life-cycle request, or the row's RegionLog
+        operation answers it here."""
+        row = OPERATIONS[request.request_type]
         group = entry.group
         try:
-            if group is not None and request.request_type in GROUP_TYPES and not group.direct:
+            if row.ordered and group is not None and not group.direct:
                 actions = self._group_actions(entry, group.submit(request))
+            elif row.apply is None:
+                actions = self._lifecycle[request.request_type](entry, request)
             else:
-                actions = self._handlers[request.request_type](entry, request)
+                rl = entry.log
+                values = row.decode(request.data)
+                err, payload = row.apply(rl, self.local_node, values)
+                if not err and row.acknowledge is not None:
+                    row.acknowledge(rl, values)
+                if row.writes_disk and not err:
+                    actions = self._write_then_reply(entry, request)
+                else:
+                    actions = [self._reply(request, err, payload)]
         except OSError as exc:
             actions = self._failed(request, exc)
         rl = entry.log
@@ -1011,65 +1001,6 @@ class Server:
             entry.state.save_scalars(entry.log.scalars())
             entry.log.scalars_changed = False
 
-    # ------------------------------------------------------------------ region requests
-    def _get_region_size(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, 0, _U64.pack(entry.log.config.region_size))]
-
-    def _is_clean(self, entry: Entry, request: wire.Request) -> list[Action]:
-        err, value = entry.log.is_clean(_U64.unpack(request.data)[0])
-        return [self._reply(request, err, _S64.pack(value))]
-
-    def _in_sync(self, entry: Entry, request: wire.Request) -> list[Action]:
-        err, value = entry.log.in_sync(_U64.unpack(request.data)[0])
-        return [self._reply(request, err, _S64.pack(value))]
-
-    def _flush(self, entry: Entry, request: wire.Request) -> list[Action]:
-        marks = _regions(request.data)
-        rl = entry.log
-        err = rl.flush(self.local_node, marks)
-        if err:
-            return [self._reply(request, err)]
-        if marks:
-            rl.kernel_marked(marks)
-        return self._write_then_reply(entry, request)
-
-    def _mark(self, entry: Entry, request: wire.Request) -> list[Action]:
-        regions = _regions(request.data)
-        err = entry.log.mark(self.local_node, regions)
-        if not err:
-            entry.log.kernel_marked(regions)
-        return [self._reply(request, err)]
-
-    def _clear(self, entry: Entry, request: wire.Request) -> list[Action]:
-        regions = _regions(request.data)
-        err = entry.log.clear(self.local_node, regions)
-        if not err:
-            entry.log.kernel_cleared(regions)
-        return [self._reply(request, err)]
-
-    def _get_resync_work(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, 0, _PAIR.pack(*entry.log.get_resync_work(self.local_node)))]
-
-    def _set_region_sync(self, entry: Entry, request: wire.Request) -> list[Action]:
-        region, in_sync = _REGION_SYNC.unpack(request.data)
-        return [
-            self._reply(request, entry.log.set_region_sync(self.local_node, region, bool(in_sync)))
-        ]
-
-    def _get_sync_count(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, 0, _U64.pack(entry.log.sync_count))]
-
-    def _status_info(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, 0, entry.log.status_info().encode() + b"\0")]
-
-    def _status_table(self, entry: Entry, request: wire.Request) -> list[Action]:
-        return [self._reply(request, 0, entry.log.status_table().encode() + b"\0")]
-
-    def _is_remote_recovering(self, entry: Entry, request: wire.Request) -> list[Action]:
-        region = _U64.unpack(request.data)[0]
-        err, recovering, hint = entry.log.is_remote_recovering(self.local_node, region)
-        return [self._reply(request, err, _PAIR.pack(recovering, hint))]
-
     # ------------------------------------------------------------------ cluster
     def group_confchg(
         self,
@@ -1270,10 +1201,6 @@ class Server:
             if entry.device is not None:
                 entry.device.close()
             entry.state.close()
-
-
-def _regions(data: bytes) -> memoryview | tuple[()]:
-    return memoryview(data).cast("Q") if data else ()
 
 
 def _ctr_device_name(

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,14 +74,24 @@ from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import messages as m
 from ulogd.protocol import RequestType as T
 from ulogd.regionlog import RegionLog, Rejoin
+from ulogd.requests import OPERATIONS, ORDERED, Operation
 
 log = logging.getLogger(__name__)
 
 MemberId = tuple[int, int]  # (nodeid, pid)
 
-_U64 = struct.Struct("=Q")
-_PAIR = struct.Struct("=qQ")
-_REGION_SYNC = struct.Struct("=Qq")
+#: the cluster op of each ordered request type (its meaning is its row in OPERATIONS)
+_OP_OF: dict[int, m.Op] = {
+    T.MARK_REGION: m.Op.MARK,
+    T.CLEAR_REGION: m.Op.CLEAR,
+    T.FLUSH: m.Op.FLUSH,
+    T.GET_RESYNC_WORK: m.Op.RESYNC_WORK,
+    T.SET_REGION_SYNC: m.Op.SET_SYNC,
+    T.IS_REMOTE_RECOVERING: m.Op.REMOTE_RECOVERING,
+}
+assert _OP_OF.keys() == ORDERED, "every ordered request type needs its cluster op"
+#: the row a delivered op applies
+_ROW_OF: dict[m.Op, Operation] = {op: OPERATIONS[t] for t, op in _OP_OF.items()}
 
 
 class Phase(enum.Enum):
@@ -246,41 +255,22 @@ class Group:
         """A state-changing kernel request for this log (the caller answers the rest locally)."""
         rl = self.log
         rtype = request.request_type
-        data = request.data
-        if rtype in (T.MARK_REGION, T.CLEAR_REGION):
-            regions = struct.unpack(f"={len(data) // 8}Q", data)
-            if err := rl.check_regions(regions):
-                return [Answer(request, err)]
-            if rtype == T.MARK_REGION:
-                op = m.Op.MARK
-                rl.kernel_marked(regions)  # acknowledged now: persisted before the reply
-            else:
-                op = m.Op.CLEAR
-                rl.kernel_cleared(regions)
-            self.outbox.append(m.OpRecord(op, request.seq, regions))
-            return [Answer(request)]
-        if rtype == T.FLUSH:
-            marks = struct.unpack(f"={len(data) // 8}Q", data)
-            if err := rl.check_regions(marks):
-                return [Answer(request, err)]
-            rl.kernel_marked(marks)
-            record = m.OpRecord(m.Op.FLUSH, request.seq, marks)
-        elif rtype == T.GET_RESYNC_WORK:
-            record = m.OpRecord(m.Op.RESYNC_WORK, request.seq)
-        elif rtype == T.SET_REGION_SYNC:
-            region, in_sync = _REGION_SYNC.unpack(data)
-            if region >= rl.region_count:
-                return [Answer(request, p.EINVAL)]
-            record = m.OpRecord(m.Op.SET_SYNC, request.seq, (region, 1 if in_sync else 0))
-        elif rtype == T.IS_REMOTE_RECOVERING:
-            (region,) = _U64.unpack(data)
-            if region >= rl.region_count:
-                return [Answer(request, p.EINVAL)]
-            if rl.recovery_halted:  # presuspended here: recovery is not running
-                return [Answer(request, 0, _PAIR.pack(0, rl.region_count))]
-            record = m.OpRecord(m.Op.REMOTE_RECOVERING, request.seq, (region,))
-        else:
+        op = _OP_OF.get(rtype)
+        if op is None:
             raise ValueError(f"{p.type_name(rtype)} is not routed through the group")
+        row = OPERATIONS[rtype]
+        values = row.decode(request.data)
+        if row.check is not None and (err := row.check(rl, values)):
+            return [Answer(request, err)]
+        if row.local is not None and row.local(rl):
+            assert row.apply is not None  # every ordered row has its operation
+            return [Answer(request, *row.apply(rl, self.me[0], values))]
+        if row.acknowledge is not None:
+            row.acknowledge(rl, values)  # acknowledged now: persisted before the reply
+        record = m.OpRecord(op, request.seq, tuple(values))
+        if row.at_once:
+            self.outbox.append(record)
+            return [Answer(request)]
         self.waiting[request.seq] = request
         return self._send([record])
 
@@ -785,27 +775,20 @@ class Group:
             return [*actions, Ready(master=False)]
         for rec in ops:
             result: tuple[int, bytes] | None = None
-            if rec.op is m.Op.MARK:
-                rl.mark(node, rec.values)
-            elif rec.op is m.Op.CLEAR:
-                rl.clear(node, rec.values)
-            elif rec.op is m.Op.FLUSH:
-                err = rl.flush(node, rec.values)
-                work = rl.take_disk_work()
-                if work is not False:
-                    if self.disk_server == self.me[0]:
-                        actions.append(WriteDisk(work, self.index))  # type: ignore[arg-type]
-                    if mine and rec.seq in self.waiting:
-                        self.flushes.append((self.index, self.waiting.pop(rec.seq)))
-                    continue
-                result = (err, b"")
-            elif rec.op is m.Op.RESYNC_WORK:
-                result = (0, _PAIR.pack(*rl.get_resync_work(node)))
-            elif rec.op is m.Op.SET_SYNC:
-                result = (rl.set_region_sync(node, rec.values[0], bool(rec.values[1])), b"")
-            elif rec.op is m.Op.REMOTE_RECOVERING:
-                err, recovering, hint = rl.is_remote_recovering(node, rec.values[0])
-                result = (err, _PAIR.pack(recovering, hint))
+            row = _ROW_OF.get(rec.op)
+            if row is not None:
+                assert row.apply is not None
+                outcome = row.apply(rl, node, rec.values)
+                if row.writes_disk:
+                    work = rl.take_disk_work()
+                    if work is not False:
+                        if self.disk_server == self.me[0]:
+                            actions.append(WriteDisk(work, self.index))  # type: ignore[arg-type]
+                        if mine and rec.seq in self.waiting:
+                            self.flushes.append((self.index, self.waiting.pop(rec.seq)))
+                        continue
+                if not row.at_once:
+                    result = outcome
             elif rec.op is m.Op.REJOIN:
                 if not self._node_has_member(node, besides=sender):
                     lost = rl.node_rejoined(node, Rejoin(rec.seq), rec.values)

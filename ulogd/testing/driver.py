@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from ulogd import wire
+from ulogd.protocol import PAIR, REGION_SYNC, S64, U64
 from ulogd.protocol import RequestType as T
 from ulogd.server import DiskRead, DiskWrite, Prepare, Send, Server
 
@@ -113,20 +114,20 @@ class LogDriver:
         return self.call(T.FLUSH, _regions(marks))
 
     def in_sync(self, region: int) -> int:
-        return struct.unpack("=q", self.ok(T.IN_SYNC, struct.pack("=Q", region)))[0]
+        return S64.unpack(self.ok(T.IN_SYNC, U64.pack(region)))[0]
 
     def is_clean(self, region: int) -> int:
-        return struct.unpack("=q", self.ok(T.IS_CLEAN, struct.pack("=Q", region)))[0]
+        return S64.unpack(self.ok(T.IS_CLEAN, U64.pack(region)))[0]
 
     def sync_count(self) -> int:
-        return struct.unpack("=Q", self.ok(T.GET_SYNC_COUNT))[0]
+        return U64.unpack(self.ok(T.GET_SYNC_COUNT))[0]
 
     def resync_work(self) -> tuple[int, int]:
-        i, r = struct.unpack("=qQ", self.ok(T.GET_RESYNC_WORK))
+        i, r = PAIR.unpack(self.ok(T.GET_RESYNC_WORK))
         return i, r
 
     def set_region_sync(self, region: int, in_sync: bool) -> wire.Reply:
-        return self.call(T.SET_REGION_SYNC, struct.pack("=Qq", region, int(in_sync)))
+        return self.call(T.SET_REGION_SYNC, REGION_SYNC.pack(region, int(in_sync)))
 
     def status_info(self) -> str:
         return self.ok(T.STATUS_INFO).rstrip(b"\0").decode()
@@ -138,7 +139,7 @@ class LogDriver:
             i, r = self.resync_work()
             if not i:
                 return count
-            self.ok(T.SET_REGION_SYNC, struct.pack("=Qq", r, 1))
+            self.ok(T.SET_REGION_SYNC, REGION_SYNC.pack(r, 1))
             self.clear([r])
             self.flush()
             count += 1
