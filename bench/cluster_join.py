@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 from bitarray import bitarray  # noqa: E402
 
-from ulogd import ctr  # noqa: E402
 from ulogd.cluster import checkpoint as ck  # noqa: E402
 from ulogd.cluster.group import CHUNK_SIZE  # noqa: E402
-from ulogd.protocol import RequestType as T  # noqa: E402
-from ulogd.regionlog import RegionLog, new_bitmaps  # noqa: E402
+from ulogd.protocol import ctr  # noqa: E402
+from ulogd.protocol.spec import RequestType as T  # noqa: E402
+from ulogd.state.regionlog import RegionLog, new_bitmaps  # noqa: E402
 from ulogd.testing import corosync  # noqa: E402
 from ulogd.testing.cluster import UlogdCluster, wait_until  # noqa: E402
 from ulogd.testing.driver import LogDriver  # noqa: E402

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd import disklog
-from ulogd.protocol import RequestType as T
-from ulogd.server import Server
+from ulogd.engine.server import Server
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import disklog
 from ulogd.testing.driver import InProcess, LogDriver
 
 REGIONS = 1 << 20

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd import wire
-from ulogd.protocol import RequestType as T
-from ulogd.transport.unixsock import UnixClient
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
 
 TARGET_MS = 50.0
 

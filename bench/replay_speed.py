@@ -32,10 +32,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ulogd import replay  # noqa: E402
-from ulogd.capture import CaptureWriter, Direction, read_capture  # noqa: E402
-from ulogd.protocol import RequestType as T  # noqa: E402
-from ulogd.server import Server  # noqa: E402
+from ulogd.edges.capture import CaptureWriter, Direction, read_capture  # noqa: E402
+from ulogd.engine.server import Server  # noqa: E402
+from ulogd.ops import replay  # noqa: E402
+from ulogd.protocol.spec import RequestType as T  # noqa: E402
 from ulogd.testing.driver import InProcess, LogDriver  # noqa: E402
 
 

@@ -14,7 +14,7 @@ The request mixes are the ones the real kernel sends (``shared`` reference, kern
 
 The datagrams are built up front (kernel format, protocol 3) for a ``clustered-core`` log of
 2^20 regions; each measurement creates a fresh log (CTR, GET_REGION_SIZE, RESUME; untimed),
-feeds every datagram to :meth:`ulogd.server.Server.receive` and takes the reply bytes out of
+feeds every datagram to :meth:`ulogd.engine.server.Server.receive` and takes the reply bytes out of
 the returned action (timed), then destroys the log (DTR; untimed).  Two server set-ups:
 
 * ``ulogd (state on /dev/shm)`` — as the daemon runs: the bitmaps live in a memory-mapped
@@ -53,10 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd import wire
-from ulogd.protocol import RequestType as T
-from ulogd.server import Send, Server
-from ulogd.statefile import StateDir
+from ulogd.engine.server import Send, Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.statefile import StateDir
 
 UUID = "LVM-benchrequestpath0000000000000000000000000000000000000000000000000000000"
 LUID = 0x42

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd import wire
-from ulogd.protocol import RequestType as T
-from ulogd.server import Send, Server
-from ulogd.statefile import StateDir, file_name
+from ulogd.engine.server import Send, Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.statefile import StateDir, file_name
 
 UUID = "LVM-benchscale"
 LUID = 3

@@ -6,7 +6,7 @@ Starts ``python -m ulogd run -f --transport unix:PATH --run-dir DIR`` (the test 
 kernel-format datagrams over a Unix datagram socket; state files on tmpfs as in production)
 and, beside it, a bare echo server: a Python process that does nothing but ``recvfrom`` and
 ``sendto`` the datagram back on the same kind of socket.  One client
-(:class:`ulogd.transport.unixsock.UnixClient`) keeps one request in flight and times each
+(:class:`ulogd.edges.transport.unixsock.UnixClient`) keeps one request in flight and times each
 round trip with ``perf_counter_ns``.  The requests are the write mix the real kernel sends
 for a 4 KiB write (IN_SYNC x2, MARK_REGION, FLUSH, CLEAR_REGION, FLUSH) on a nosync
 ``clustered-core`` log; the echo server gets the very same datagrams.
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd import wire
-from ulogd.protocol import RequestType as T
-from ulogd.transport.unixsock import UnixClient
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
 
 UUID = "LVM-benchtransportlatency"
 LUID = 7

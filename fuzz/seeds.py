@@ -13,11 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fuzz import targets  # noqa: E402
-from ulogd import capture, ctr, disklog  # noqa: E402
 from ulogd.cluster import checkpoint as ck  # noqa: E402
 from ulogd.cluster import messages as m  # noqa: E402
-from ulogd.regionlog import RegionLog, new_bitmaps  # noqa: E402
-from ulogd.statefile import StateDir  # noqa: E402
+from ulogd.edges import capture  # noqa: E402
+from ulogd.protocol import ctr  # noqa: E402
+from ulogd.state import disklog  # noqa: E402
+from ulogd.state.regionlog import RegionLog, new_bitmaps  # noqa: E402
+from ulogd.state.statefile import StateDir  # noqa: E402
 
 
 def _seq(n: int) -> bytes:

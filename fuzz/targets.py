@@ -29,17 +29,20 @@ from pathlib import Path
 
 from bitarray import bitarray
 
-from ulogd import capture, config, ctr, disklog, statefile, wire
-from ulogd import protocol as p
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
-from ulogd.protocol import S64
-from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog, new_bitmaps, scalars_problem
-from ulogd.requests import OPERATIONS
-from ulogd.server import DiskRead, DiskWrite, Send, Server
-from ulogd.statefile import StateDir
+from ulogd.edges import capture
+from ulogd.engine.server import DiskRead, DiskWrite, Send, Server
+from ulogd.ops import config
+from ulogd.protocol import ctr, wire
+from ulogd.protocol import spec as p
+from ulogd.protocol.spec import S64
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import disklog, statefile
+from ulogd.state.regionlog import RegionLog, new_bitmaps, scalars_problem
+from ulogd.state.requests import OPERATIONS
+from ulogd.state.statefile import StateDir
 
 Target = Callable[[bytes], None]
 
@@ -523,7 +526,7 @@ class _Devices:
         self.fail_write = False
 
     def open(self, path: str) -> disklog.MemoryDiskLog:
-        from ulogd.server import DeviceError
+        from ulogd.engine.server import DeviceError
 
         if path == "/dev/missing":
             raise DeviceError(errno.ENOENT, "no such device")

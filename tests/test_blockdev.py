@@ -1,4 +1,4 @@
-"""Tests for ulogd.blockdev: resolving a constructor's log-device argument.
+"""Tests for ulogd.edges.blockdev: resolving a constructor's log-device argument.
 
 Most tests run against a fake sysfs tree built in tmp_path (``sysfs_root``) and a fake /dev
 (``dev_root``) holding real device nodes made with mknod; nodes are never opened there, so the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.blockdev import BlockDevError, BlockDevice, parse_majmin, resolve
-from ulogd.disklog import DiskLogDevice
+from ulogd.edges.blockdev import BlockDevError, BlockDevice, parse_majmin, resolve
+from ulogd.state.disklog import DiskLogDevice
 
 # ---------------------------------------------------------------------------------------------
 # A fake sysfs

@@ -1,4 +1,4 @@
-"""Tests for ulogd.capture: pcapng writing, pcap/pcapng reading, robustness, tshark."""
+"""Tests for ulogd.edges.capture: pcapng writing, pcap/pcapng reading, robustness, tshark."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ulogd import __version__
-from ulogd.capture import (
+from ulogd.edges.capture import (
     ARPHRD_NETLINK,
     LINKTYPE_NETLINK,
     NETLINK_CONNECTOR,
@@ -312,7 +312,7 @@ class FailingFile(io.BytesIO):
 def test_write_error_is_logged_once_and_stops_capture(caplog: pytest.LogCaptureFixture) -> None:
     f = FailingFile(fail_after=1)  # the header goes through, the first batch fails
     w = CaptureWriter(f, background=False)
-    with caplog.at_level(logging.ERROR, logger="ulogd.capture"):
+    with caplog.at_level(logging.ERROR, logger="ulogd.edges.capture"):
         w.record(Direction.TO_DAEMON, datagram(1, 1), 1)
         w.flush()
         assert w.failed
@@ -328,7 +328,7 @@ def test_write_error_is_logged_once_and_stops_capture(caplog: pytest.LogCaptureF
 
 def test_write_error_in_background_thread_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
     f = FailingFile(fail_after=1)
-    with caplog.at_level(logging.ERROR, logger="ulogd.capture"):
+    with caplog.at_level(logging.ERROR, logger="ulogd.edges.capture"):
         w = CaptureWriter(f, flush_interval=0.01)
         w.record(Direction.TO_DAEMON, datagram(1, 1), 1)
         deadline = time.monotonic() + 5

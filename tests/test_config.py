@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import config
-from ulogd.config import ConfigError, Settings
+from ulogd.ops import config
+from ulogd.ops.config import ConfigError, Settings
 
 FULL = """\
 # ulogd configuration

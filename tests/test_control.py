@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import control
+from ulogd.ops import control
 
 NOBODY = 65534
 
@@ -216,7 +216,7 @@ def test_cli_as_non_root_gives_a_clear_error(daemon: DaemonProcess) -> None:
     def work() -> dict:
         import io
 
-        from ulogd import cli
+        from ulogd.ops import cli
 
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

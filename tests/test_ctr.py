@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulogd import ctr
-from ulogd.ctr import SyncMode
+from ulogd.protocol import ctr
+from ulogd.protocol.ctr import SyncMode
 
 
 def test_clustered_core_as_the_kernel_sends_it() -> None:

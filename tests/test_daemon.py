@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import daemon as daemon_module
-from ulogd.daemon import Daemon
-from ulogd.protocol import RequestType as T
-from ulogd.server import Server
+from ulogd.edges import daemon as daemon_module
+from ulogd.edges.daemon import Daemon
+from ulogd.edges.transport.unixsock import UnixServerTransport
+from ulogd.engine.server import Server
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.driver import InProcess, LogDriver
-from ulogd.transport.unixsock import UnixServerTransport
 
 
 @pytest.fixture(autouse=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.cluster.node import CorosyncLink
-from ulogd.protocol import RequestType as T
-from ulogd.server import Server
+from ulogd.edges.corosync import CorosyncLink
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.engine.server import Server
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.driver import LogDriver
-from ulogd.transport.unixsock import UnixClient
 
 UUID = "LVM-statusSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSS0001"
 

@@ -1,4 +1,4 @@
-"""Tests for ulogd.disklog: the kernel `disk` log format, write planning and device I/O.
+"""Tests for ulogd.state.disklog: the kernel `disk` log format, write planning and device I/O.
 
 Reference images are built here from the format description with ``struct`` and hand-placed
 bits, never with the code under test. Device tests run on a regular file always, on a loop
@@ -25,8 +25,8 @@ from bitarray import bitarray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ulogd import disklog
-from ulogd.disklog import (
+from ulogd.state import disklog
+from ulogd.state.disklog import (
     BITMAP_OFFSET,
     CHUNK_REGIONS,
     MAGIC,
@@ -563,7 +563,7 @@ def test_file_device_falls_back_when_o_direct_refused(
         return real_open(p, flags, *args)
 
     monkeypatch.setattr(disklog.os, "open", no_direct)
-    with caplog.at_level(logging.WARNING, logger="ulogd.disklog"):
+    with caplog.at_level(logging.WARNING, logger="ulogd.state.disklog"):
         dev = DiskLogDevice.open(path)
     try:
         assert not dev.direct

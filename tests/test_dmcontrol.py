@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ulogd import dmcontrol, metrics
-from ulogd.daemon import Daemon
-from ulogd.server import Server
+from ulogd.edges import dmcontrol
+from ulogd.edges.daemon import Daemon
+from ulogd.edges.transport.unixsock import UnixServerTransport
+from ulogd.engine.server import Server
+from ulogd.ops import metrics
 from ulogd.testing.driver import InProcess, LogDriver
-from ulogd.transport.unixsock import UnixServerTransport
 
 LEGS = "2 7:0 0 7:1 0"
 

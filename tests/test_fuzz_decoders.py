@@ -83,7 +83,7 @@ def test_fuzz(name: str) -> None:
 def test_server_target_catches_a_wrong_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     """The end-to-end target is not vacuous: a server that reports marked regions clean, or
     answers a malformed request with success, fails it."""
-    from ulogd import regionlog
+    from ulogd.state import regionlog
 
     monkeypatch.setattr(regionlog.RegionLog, "is_clean", lambda self, r: (0, 1))
     with pytest.raises(AssertionError, match="clean"):

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_control import DaemonProcess
-from ulogd import metrics
-from ulogd.protocol import RequestType as T
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.ops import metrics
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.driver import LogDriver
-from ulogd.transport.unixsock import UnixClient
 
 UUID = "LVM-metricsMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMM0001"
 SYNCED = 25

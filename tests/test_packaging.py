@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import config
+from ulogd.ops import config
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -246,7 +246,7 @@ def test_guides_are_valid_rst(tmp_path: Path, guide: str) -> None:
 
 
 def test_every_cli_option_is_in_the_man_page() -> None:
-    from ulogd.cli import build_parser
+    from ulogd.ops.cli import build_parser
 
     page = (ROOT / "docs/dm-ulogd.8.rst").read_text()
     parser = build_parser()
@@ -282,7 +282,7 @@ def test_bash_completion_is_generated_from_the_parser(tmp_path: Path) -> None:
     """What the packages' build runs (debian/rules, the spec): a static script, no hook that
     runs Python at each TAB."""
     result = subprocess.run(
-        [sys.executable, "-m", "shtab", "--shell=bash", "ulogd.cli.build_parser"],
+        [sys.executable, "-m", "shtab", "--shell=bash", "ulogd.ops.cli.build_parser"],
         capture_output=True, text=True, cwd=ROOT, check=True,
     )  # fmt: skip
     script = result.stdout
@@ -324,13 +324,13 @@ def test_the_product_wheel_holds_no_test_harness(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = out.glob("dm_ulogd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "ulogd/cli.py" in names and "cpg/handle.py" in names
+    assert "ulogd/ops/cli.py" in names and "cpg/handle.py" in names
     assert not [n for n in names if n.startswith("ulogd/testing")]
     assert not [n for n in names if n.startswith("tests/")]
     dist = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     assert any(n.startswith(dist) and n.endswith("LICENSE") for n in names), names
     entry_points = zipfile.ZipFile(wheel).read(f"{dist}/entry_points.txt").decode()
-    assert "dm-ulogd = ulogd.cli:main" in entry_points
+    assert "dm-ulogd = ulogd.ops.cli:main" in entry_points
     assert re.search(r"^ulogd\s*=", entry_points, re.MULTILINE) is None  # not netfilter's name
     metadata = zipfile.ZipFile(wheel).read(f"{dist}/METADATA").decode()
     # Debian 12's version; see docs/operations.rst.  (Older setuptools write "bitarray (>=...)".)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ulogd.ratelimit import RateLimiter, Summary
+from ulogd.engine.ratelimit import RateLimiter, Summary
 
 
 def admitted(limiter: RateLimiter, kind: str, times: list[float]) -> list[bool]:

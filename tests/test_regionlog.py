@@ -6,9 +6,9 @@ from bitarray import bitarray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ulogd import ctr
-from ulogd import protocol as p
-from ulogd.regionlog import RegionLog, Resume, new_bitmaps
+from ulogd.protocol import ctr
+from ulogd.protocol import spec as p
+from ulogd.state.regionlog import RegionLog, Resume, new_bitmaps
 
 A, B = 1, 2
 

@@ -12,11 +12,13 @@ from typing import cast
 
 import pytest
 
-from ulogd import cli, disklog, replay, wire
-from ulogd.capture import CaptureWriter, Direction, Packet, read_capture
-from ulogd.protocol import RequestType as T
-from ulogd.server import LogDevice, Server
-from ulogd.statefile import StateDir
+from ulogd.edges.capture import CaptureWriter, Direction, Packet, read_capture
+from ulogd.engine.server import LogDevice, Server
+from ulogd.ops import cli, replay
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import disklog
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
 
 REPO = Path(__file__).resolve().parents[1]

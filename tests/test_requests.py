@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ulogd import ctr, wire
-from ulogd import protocol as p
 from ulogd.cluster.group import Group
-from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog, new_bitmaps
-from ulogd.requests import OPERATIONS, ORDERED
-from ulogd.server import GROUP_TYPES
+from ulogd.engine.server import GROUP_TYPES
+from ulogd.protocol import ctr, wire
+from ulogd.protocol import spec as p
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.regionlog import RegionLog, new_bitmaps
+from ulogd.state.requests import OPERATIONS, ORDERED
 
 
 def test_every_request_type_has_exactly_one_row() -> None:

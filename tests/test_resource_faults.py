@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import statefile, wire
-from ulogd.protocol import RequestType as T
-from ulogd.statefile import StateDir
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import statefile
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import LogDriver
-from ulogd.transport.unixsock import UnixClient
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, rlimits)")
 
@@ -250,9 +251,9 @@ def test_the_pid_file_at_the_fd_limit_is_a_clean_start_error(tmp_path: Path) -> 
     script = f"""
 import os, resource
 from pathlib import Path
-from ulogd.daemon import Daemon
-from ulogd.server import Server
-from ulogd.transport.unixsock import UnixServerTransport
+from ulogd.edges.daemon import Daemon
+from ulogd.engine.server import Server
+from ulogd.edges.transport.unixsock import UnixServerTransport
 run = Path({str(tmp_path / "run")!r})
 d = Daemon(Server(), UnixServerTransport({str(tmp_path / "s")!r}), run_dir=run)
 d.lock_run_dir()

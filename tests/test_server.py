@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import disklog, wire
-from ulogd import protocol as p
-from ulogd.protocol import RequestType as T
-from ulogd.server import DeviceError, DiskWrite, Send, Server
-from ulogd.statefile import StateDir
+from ulogd.engine.server import DeviceError, DiskWrite, Send, Server
+from ulogd.protocol import spec as p
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import disklog
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
 
 CORE = "131072 clustered-core 1024"  # 128 regions

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import struct
 
-from ulogd import dmcontrol, wire
-from ulogd.protocol import RequestType as T
-from ulogd.server import ClusterSend, Cycle, Join, Leave, Send, Server
+from ulogd.edges import dmcontrol
+from ulogd.engine.server import ClusterSend, Cycle, Join, Leave, Send, Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
 
 CTR = b"131072 clustered-core 1024 nosync"
 UUID = "LVM-bus"
@@ -153,7 +154,7 @@ def test_a_restarted_daemon_rejoins_before_answering_and_keeps_its_kernels_marks
     daemon restores its log, rejoins the group before it answers (the kernel sends no CTR or
     RESUME: it just goes on, re-sending a request only after its timeout), and re-asserts the
     marks its kernel was acknowledged, including one that never reached the group."""
-    from ulogd.statefile import StateDir
+    from ulogd.state.statefile import StateDir
 
     bus = Bus()
     a = node(1)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.protocol import RequestType as T
-from ulogd.server import Server
-from ulogd.statefile import StateDir
+from ulogd.engine.server import Server
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount --bind)")
@@ -178,7 +178,7 @@ def test_a_retry_leaves_a_new_log_of_the_same_identity_alone(
 def test_a_dtr_whose_log_device_fails_to_close_still_removes_the_log(
     logs_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from ulogd import disklog
+    from ulogd.state import disklog
 
     class Sticky(disklog.MemoryDiskLog):
         def close(self) -> None:
@@ -199,7 +199,7 @@ def test_a_daemon_on_a_read_only_run_directory_answers_and_restarts_right(
     tmp_path: Path,
 ) -> None:
     from tests.test_control import DaemonProcess
-    from ulogd.transport.unixsock import UnixClient
+    from ulogd.edges.transport.unixsock import UnixClient
 
     with DaemonProcess(tmp_path) as d, UnixClient(d.transport) as link:
         keep = LogDriver(link, uuid="LVM-daemon-keep", luid=1)
@@ -227,7 +227,7 @@ def test_a_daemon_on_a_read_only_run_directory_answers_and_restarts_right(
 
 def test_a_ctr_at_the_descriptor_limit_is_answered_emfile(tmp_path: Path) -> None:
     from tests.test_control import DaemonProcess
-    from ulogd.transport.unixsock import UnixClient
+    from ulogd.edges.transport.unixsock import UnixClient
 
     with DaemonProcess(tmp_path) as d, UnixClient(d.transport) as link:
         keep = LogDriver(link, uuid="LVM-limit-keep", luid=1)

@@ -12,11 +12,12 @@ import struct
 
 import pytest
 
-from ulogd import control, wire
-from ulogd import protocol as p
-from ulogd.protocol import RequestType as T
-from ulogd.ratelimit import BURST, WINDOW
-from ulogd.server import Server
+from ulogd.engine.ratelimit import BURST, WINDOW
+from ulogd.engine.server import Server
+from ulogd.ops import control
+from ulogd.protocol import spec as p
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.driver import InProcess, LogDriver
 
 TEXT = "131072 core 1024"  # 128 regions

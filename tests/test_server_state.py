@@ -7,10 +7,10 @@ import errno
 import struct
 from pathlib import Path
 
-from ulogd import wire
-from ulogd.protocol import RequestType as T
-from ulogd.server import Prepare, Send, Server
-from ulogd.statefile import StateDir
+from ulogd.engine.server import Prepare, Send, Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
 
 

@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from ulogd import statefile, wire
-from ulogd.protocol import RequestType as T
-from ulogd.regionlog import Scalars, scalars_problem
-from ulogd.server import Send, Server
-from ulogd.statefile import HEADER_SIZE, StateDir, file_name, import_previous
+from ulogd.engine.server import Send, Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import statefile
+from ulogd.state.regionlog import Scalars, scalars_problem
+from ulogd.state.statefile import HEADER_SIZE, StateDir, file_name, import_previous
 
 
 def test_bits_written_through_the_mapping_are_in_the_file(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_control import DaemonProcess
-from ulogd import status
-from ulogd.protocol import RequestType as T
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.ops import status
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.driver import LogDriver
-from ulogd.transport.unixsock import UnixClient
 
 UUID_A = "LVM-statusAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA0001"
 UUID_B = "LVM-statusBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB0002"
@@ -268,7 +268,7 @@ def test_empty_daemon() -> None:
 def test_cluster_group_shown() -> None:
     from types import SimpleNamespace
 
-    from ulogd.control import _group_info
+    from ulogd.ops.control import _group_info
 
     group = SimpleNamespace(
         members=((3, 100), (1, 200), (3, 101)),

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import ctr, tablegen
-from ulogd.tablegen import Leg, MirrorSpec, TableError
+from ulogd.ops import tablegen
+from ulogd.ops.tablegen import Leg, MirrorSpec, TableError
+from ulogd.protocol import ctr
 
 LEGS = (Leg("/dev/loop0"), Leg("/dev/loop1"))
 

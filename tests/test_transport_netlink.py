@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.transport import TransportError
-from ulogd.transport.netlink import (
+from ulogd.edges.transport import TransportError
+from ulogd.edges.transport.netlink import (
     NetlinkTransport,
     check_capabilities,
     effective_capabilities,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ulogd.edges.transport.unixsock import UnixClient, UnixServerTransport
 from ulogd.testing.cluster import KernelLink
-from ulogd.transport.unixsock import UnixClient, UnixServerTransport
 
 
 @pytest.fixture

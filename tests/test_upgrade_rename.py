@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from tests.test_control import DaemonProcess
-from ulogd import control
+from ulogd.edges.transport.unixsock import UnixClient
+from ulogd.ops import control
 from ulogd.testing.driver import LogDriver
-from ulogd.transport.unixsock import UnixClient
 
 UUID = "LVM-renameRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRR0001"
 IN_SYNC = 21
@@ -29,7 +29,7 @@ IN_SYNC = 21
 NEW_DAEMON = """
 import sys
 from pathlib import Path
-from ulogd import cli, config
+from ulogd.ops import cli, config
 config.DEFAULT_RUN_DIR = Path(sys.argv[1])
 config.PREVIOUS_RUN_DIR = Path(sys.argv[2])
 config.DEFAULT_PATH = config.PREVIOUS_PATH = Path(sys.argv[1]) / "absent.toml"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulogd import protocol as p
-from ulogd import wire
-from ulogd.protocol import RequestType as T
+from ulogd.protocol import spec as p
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
 
 UUID = "LVM-0123456789abcdef0123456789abcdefABCDEFGHIJKLMNOPQRSTUVWXYZabcdef"
 

@@ -1,5 +1,5 @@
 """``python -m ulogd``: the same as the ``ulogd`` command."""
 
-from ulogd.cli import main
+from ulogd.ops.cli import main
 
 raise SystemExit(main())

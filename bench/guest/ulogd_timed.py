@@ -26,9 +26,10 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import ulogd.transport.netlink as netlink
-from ulogd import daemon, server
-from ulogd.cli import main
+import ulogd.edges.transport.netlink as netlink
+from ulogd.edges import daemon
+from ulogd.engine import server
+from ulogd.ops.cli import main
 
 STATS, PROFILE = sys.argv[1], sys.argv[2]
 clock = time.perf_counter_ns

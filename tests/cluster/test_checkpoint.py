@@ -9,9 +9,9 @@ import zlib
 import pytest
 from bitarray import bitarray
 
-from ulogd import ctr
 from ulogd.cluster import checkpoint as ck
-from ulogd.regionlog import RegionLog, new_bitmaps
+from ulogd.protocol import ctr
+from ulogd.state.regionlog import RegionLog, new_bitmaps
 
 
 def make(text: str) -> RegionLog:

@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from ulogd import protocol as p
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
+from ulogd.protocol import spec as p
 from ulogd.testing.vsgroup import Msg, SimNode, T, VirtualGroup, replica_differences
 
 U64 = struct.Struct("=Q")

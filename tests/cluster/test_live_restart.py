@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 
 from ulogd.cluster import group as g
-from ulogd.regionlog import Rejoin
+from ulogd.state.regionlog import Rejoin
 from ulogd.testing.vsgroup import SimNode, T, VirtualGroup, replica_differences
 
 U64 = struct.Struct("=Q")

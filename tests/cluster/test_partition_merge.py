@@ -1,7 +1,7 @@
 """Partition merges (corosync NODEUP) over the virtual-synchrony model: which side's replica
 decides what, pinned without corosync.
 
-The rule (:meth:`ulogd.regionlog.RegionLog.merge_from`): a node's mark references come only
+The rule (:meth:`ulogd.state.regionlog.RegionLog.merge_from`): a node's mark references come only
 from the side it held state on; a node on no side has left, its regions lose sync; a region
 is clean only if nobody holds it and every side says it is clean or would be once its holders
 there clear it.  ``tests/hardening/test_cluster_chaos.py`` checks the same on real corosync.

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ulogd.protocol import RequestType as T
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.cluster import UlogdCluster, wait_until
 from ulogd.testing.driver import LogDriver
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from ulogd.protocol import RequestType as T
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
 from ulogd.testing.corosync import TOKEN_MS
 from ulogd.testing.driver import LogDriver

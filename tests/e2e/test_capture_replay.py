@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import replay, wire
-from ulogd.capture import Direction, read_capture
+from ulogd.edges.capture import Direction, read_capture
+from ulogd.ops import replay
+from ulogd.protocol import wire
 from ulogd.testing.qemu import GuestRun, run_in_guest
 
 pytestmark = pytest.mark.e2e

@@ -61,8 +61,9 @@ from scenarios import (  # noqa: E402
     userspace_table,
 )
 
-from ulogd import control, wire  # noqa: E402
-from ulogd import protocol as p  # noqa: E402
+from ulogd.ops import control  # noqa: E402
+from ulogd.protocol import spec as p  # noqa: E402
+from ulogd.protocol import wire  # noqa: E402
 
 
 def _log_status(d_run_dir: Path, uuid: str) -> dict | None:

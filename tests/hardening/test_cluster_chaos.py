@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ulogd.protocol import RequestType as T
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
 from ulogd.testing.corosync import TOKEN_MS
 

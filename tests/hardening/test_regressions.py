@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import disklog
-from ulogd.server import Server
-from ulogd.statefile import StateDir
+from ulogd.engine.server import Server
+from ulogd.state import disklog
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
 
 
@@ -50,9 +50,9 @@ def test_ctr_with_an_unnameable_long_device_is_refused_and_leaves_nothing(tmp_pa
 
 
 def _valid_group() -> tuple[object, object]:
-    from ulogd import ctr
     from ulogd.cluster import group as g
-    from ulogd.regionlog import RegionLog, new_bitmaps
+    from ulogd.protocol import ctr
+    from ulogd.state.regionlog import RegionLog, new_bitmaps
 
     config = ctr.parse(b"1024 clustered-core 8")
     rl = RegionLog(config, *new_bitmaps(config), local_node=1)
@@ -141,9 +141,9 @@ def test_snapshot_with_a_held_clean_region_is_refused() -> None:
     import zlib
 
     from fuzz import targets
-    from ulogd import ctr
     from ulogd.cluster import checkpoint as ck
-    from ulogd.regionlog import RegionLog, new_bitmaps
+    from ulogd.protocol import ctr
+    from ulogd.state.regionlog import RegionLog, new_bitmaps
 
     targets.check_checkpoint(CHECKPOINT_CRASH)  # restore refuses it, untouched
     config = ctr.parse(b"1024 clustered-core 8 nosync")  # 128 regions, all clean
@@ -182,8 +182,8 @@ def test_state_file_save_counter_at_its_maximum_wraps(tmp_path: Path) -> None:
     # Server.receive (a dead daemon) instead of answering.
     import struct
 
-    from ulogd import statefile
-    from ulogd.protocol import RequestType as T
+    from ulogd.protocol.spec import RequestType as T
+    from ulogd.state import statefile
 
     state_dir = StateDir(tmp_path)
     state = state_dir.create("LVM-wrap", 0x10, 128, 8, "1024 core 8")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import wire
-from ulogd.protocol import RequestType as T
-from ulogd.server import Server
-from ulogd.statefile import StateDir
+from ulogd.edges.transport.unixsock import UnixServerTransport
+from ulogd.engine.server import Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.statefile import StateDir
 from ulogd.testing.driver import InProcess, LogDriver
-from ulogd.transport.unixsock import UnixServerTransport
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from ulogd import control
-from ulogd.protocol import RequestType as T
+from ulogd.ops import control
+from ulogd.protocol.spec import RequestType as T
 from ulogd.testing.cluster import KernelLink, wait_until
 from ulogd.testing.driver import LogDriver
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from ulogd.regionlog import CHUNK_SHIFT, RegionLog, Scalars, scalars_problem
+from ulogd.state.regionlog import CHUNK_SHIFT, RegionLog, Scalars, scalars_problem
 
 _HEAD = struct.Struct("<4sIQQQqqIIIIIIIQI")
 _MAGIC = b"UCK2"

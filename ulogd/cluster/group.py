@@ -7,7 +7,7 @@ configuration changes (:meth:`Group.confchg`) and messages (:meth:`Group.deliver
 kernel's requests arrive through :meth:`Group.submit`.  The group returns *actions*
 (:class:`Answer` a kernel request, :class:`Multicast` a message, :class:`WriteDisk`,
 :class:`Ready`), and the caller performs them.  All region rules stay in
-:class:`~ulogd.regionlog.RegionLog`; this module only decides *when* and *on whose behalf*
+:class:`~ulogd.state.regionlog.RegionLog`; this module only decides *when* and *on whose behalf*
 they run:
 
 * **One total order.**  State-changing requests (MARK, CLEAR, FLUSH with its integrated marks,
@@ -68,13 +68,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ulogd import protocol as p
-from ulogd import wire
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import messages as m
-from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog, Rejoin
-from ulogd.requests import OPERATIONS, ORDERED, Operation
+from ulogd.protocol import spec as p
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.regionlog import RegionLog, Rejoin
+from ulogd.state.requests import OPERATIONS, ORDERED, Operation
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ problem, and the caller drops the message with a log line.  Bodies:
 
 Version 3 added the ``REJOIN``/``NODE_GONE`` ops and the orphan list in snapshots; version 2
 changed how merge contributions are combined (each node's marks come from its own
-side, see :meth:`~ulogd.regionlog.RegionLog.merge_from`); members of both versions in one group
+side, see :meth:`~ulogd.state.regionlog.RegionLog.merge_from`); members of both versions in one
+group
 would combine them differently, so a member drops the other version's messages.
 """
 

@@ -50,8 +50,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ulogd import control, wire
-from ulogd.protocol import RequestType as RT
+from ulogd.ops import control
+from ulogd.protocol import wire
+from ulogd.protocol.spec import RequestType as RT
 from ulogd.testing.corosync import Cluster
 from ulogd.testing.driver import LogDriver
 

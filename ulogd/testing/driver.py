@@ -2,8 +2,9 @@
 
 :class:`LogDriver` speaks for one mirror log (uuid, luid) and numbers its requests like the
 kernel's global counter.  It sends through any *link*: :class:`InProcess` feeds a
-:class:`~ulogd.server.Server` directly (performing disk actions synchronously), and
-:class:`~ulogd.transport.unixsock.UnixClient` reaches a running daemon over the test transport.
+:class:`~ulogd.engine.server.Server` directly (performing disk actions synchronously), and
+:class:`~ulogd.edges.transport.unixsock.UnixClient` reaches a running daemon over the test
+transport.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import struct
 from collections.abc import Iterable
 from typing import Protocol
 
-from ulogd import wire
-from ulogd.protocol import PAIR, REGION_SYNC, S64, U64
-from ulogd.protocol import RequestType as T
-from ulogd.server import DiskRead, DiskWrite, Prepare, Send, Server
+from ulogd.engine.server import DiskRead, DiskWrite, Prepare, Send, Server
+from ulogd.protocol import wire
+from ulogd.protocol.spec import PAIR, REGION_SYNC, S64, U64
+from ulogd.protocol.spec import RequestType as T
 
 _seq = itertools.count(1)
 

@@ -44,10 +44,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ulogd import ctr, wire
 from ulogd.cluster import group as g
-from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog, new_bitmaps
+from ulogd.protocol import ctr, wire
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.regionlog import RegionLog, new_bitmaps
 
 _pids = itertools.count(1000)
 

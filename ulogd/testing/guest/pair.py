@@ -184,7 +184,7 @@ def start_under_systemd(sc: Scenario) -> UnitDaemon:
     global RUN_DIR
     from systemd_unit import PACKAGING, install_like_the_package, save_journal, systemctl
 
-    from ulogd.config import DEFAULT_PATH
+    from ulogd.ops.config import DEFAULT_PATH
 
     daemon = UnitDaemon()
     unit = daemon.unit
@@ -248,7 +248,7 @@ def group_exists(uuid: str) -> bool:
 
 def log_view(uuid: str) -> dict[str, Any] | None:
     """This node's ulogd's status entry for the log (None when unknown or unreachable)."""
-    from ulogd.status import StatusError, fetch
+    from ulogd.ops.status import StatusError, fetch
 
     try:
         snapshot = fetch(str(RUN_DIR))

@@ -6,19 +6,21 @@ Theory of operation
 Input
 -----
 One or more capture files (pcapng or pcap, LINKTYPE_NETLINK, read by
-:func:`ulogd.capture.read_capture`), each holding the datagrams one daemon saw and sent.
+:func:`ulogd.edges.capture.read_capture`), each holding the datagrams one daemon saw and sent.
 Several files are *one kernel talking to successive daemons*: ``dm-ulogd run --capture A`` was
 killed or stopped and ``dm-ulogd run --capture B`` took over with the same run directory.
 
 Two passes per file
 -------------------
-1. Every recorded reply (daemon->kernel) is decoded with :func:`ulogd.wire.decode_reply` and
+1. Every recorded reply (daemon->kernel) is decoded with :func:`ulogd.protocol.wire.decode_reply`
+   and
    filed under its sequence number: ``dm_ulog_request.seq`` for full replies, ``cn_msg.seq``
    for the header-only form.  The kernel numbers requests with one counter for every log, so
    a capture holding several logs is paired correctly; a number reused later (the counter
    wraps, the kernel's retry uses a new one) is paired with the first reply recorded *after*
    the request.
-2. Every request (kernel->daemon) is fed, in capture order, to a :class:`~ulogd.server.Server`
+2. Every request (kernel->daemon) is fed, in capture order, to a
+   :class:`~ulogd.engine.server.Server`
    built exactly as the daemon builds it (one node, the chosen request layout), through the
    daemon's own entry points: :meth:`Server.handle` for a datagram that decodes (the replay
    decodes it once itself to know its log) and :meth:`Server.receive` for one the decoder
@@ -57,7 +59,7 @@ Each replayed request gets one verdict:
       knew it.  A reload of such a log (same uuid, new luid, state carried over) inherits it.
     * *disk-content*: a disk log's RESUME read the log device, whose content before the
       capture is unknown.  The replay gives every log device argument a zeroed in-memory
-      image (:class:`~ulogd.disklog.MemoryDiskLog`, "no valid log yet", what a fresh device
+      image (:class:`~ulogd.state.disklog.MemoryDiskLog`, "no valid log yet", what a fresh device
       holds), grown to fit every constructor that names it, kept across a DTR and re-create
       and across restarts, so a log that reads back what an earlier log of the capture wrote
       is checked normally.  Only when the image read was the invented one can a difference
@@ -72,7 +74,7 @@ independent on one node, so filtering by uuid changes no answer); requests the c
 short (its snap length) are not replayed either, and counted.
 
 A damaged file stops the replay at the defect: the report covers the packets before it and
-names the packet (:class:`~ulogd.capture.CaptureFormatError`).  Exit status: 0 every answer
+names the packet (:class:`~ulogd.edges.capture.CaptureFormatError`).  Exit status: 0 every answer
 checked agrees, 1 at least one mismatch, 4 a file could not be read (wholly or in part) and
 no mismatch was found before the defect (a file that does not exist: one line, no report),
 5 ``--log`` matched no log of the capture (nothing was compared).
@@ -96,12 +98,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ulogd import ctr, disklog, wire
-from ulogd import protocol as p
-from ulogd.capture import CaptureFormatError, Direction, Packet, read_capture
-from ulogd.protocol import RequestType as T
-from ulogd.server import Action, DiskRead, DiskWrite, Send, Server
-from ulogd.statefile import StateDir
+from ulogd.edges.capture import CaptureFormatError, Direction, Packet, read_capture
+from ulogd.engine.server import Action, DiskRead, DiskWrite, Send, Server
+from ulogd.protocol import ctr, wire
+from ulogd.protocol import spec as p
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import disklog
+from ulogd.state.statefile import StateDir
 
 __all__ = [
     "EXIT_MISMATCH",
@@ -1015,7 +1018,7 @@ def replay(
 
 # ----------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dm-ulogd replay`` options (called by :mod:`ulogd.cli`)."""
+    """The ``dm-ulogd replay`` options (called by :mod:`ulogd.ops.cli`)."""
     parser.add_argument(
         "files",
         nargs="+",

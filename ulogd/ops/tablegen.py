@@ -14,7 +14,7 @@ log type word and that type's arguments (``[<log_dev>] <region_size> [sync|nosyn
 [block_on_error]``).  Features are ``handle_errors`` and ``keep_log``.  The kernel hands ulogd
 the log arguments after the uuid (without ``integrated_flush``) prefixed with the target length;
 :func:`build` runs exactly that string through ulogd's own constructor parser
-(:func:`ulogd.ctr.parse`), so a table this tool prints is one the daemon accepts.
+(:func:`ulogd.protocol.ctr.parse`), so a table this tool prints is one the daemon accepts.
 
 The target length defaults to the smallest leg (less its offset), read from the device with
 ``lseek(SEEK_END)``, or for a leg given as ``MAJ:MIN`` from ``/sys/dev/block/MAJ:MIN/size``;
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ulogd import ctr
+from ulogd.protocol import ctr
 
 LOG_TYPES = ("clustered-core", "clustered-disk", "core", "disk")
 MIN_LEGS, MAX_LEGS = 2, 9  # dm-raid1: 2 ≤ mirrors ≤ DM_KCOPYD_MAX_REGIONS + 1

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`Server` owns the table of logs, keyed by ``(uuid, luid)``, and turns each decoded
-request into calls on that log's :class:`~ulogd.regionlog.RegionLog` — which holds every rule
+request into calls on that log's :class:`~ulogd.state.regionlog.RegionLog` — which holds every rule
 about region state — and into *actions* for the caller to perform:
 
 * :class:`Send` — a reply datagram for the kernel;
@@ -28,7 +28,7 @@ answered with its ``-errno`` and one line naming the log and the cause; a DTR wh
 cannot be removed leaves it tombstoned (never restored) and retries the removal
 (:meth:`Server.retry_removals`).  Lines that a flood could multiply — rejected datagrams,
 requests for unknown logs, regions out of range, refused constructors, resource faults — go
-through one rate limit per kind (:mod:`ulogd.ratelimit`, fed :attr:`Server.clock`), whose
+through one rate limit per kind (:mod:`ulogd.engine.ratelimit`, fed :attr:`Server.clock`), whose
 "suppressed N similar lines" summaries keep nothing silent.  Every warning or error about a
 log carries its identity (:func:`about`).
 """
@@ -47,15 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ulogd import ctr, disklog, wire
-from ulogd import protocol as p
 from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
-from ulogd.protocol import RequestType as T
-from ulogd.ratelimit import RateLimiter
-from ulogd.regionlog import RegionLog, Rejoin, Resume, initial_bit, initialise
-from ulogd.requests import OPERATIONS, ORDERED
-from ulogd.statefile import LogState, MemoryState, StateDir, StateError, file_size
+from ulogd.engine.ratelimit import RateLimiter
+from ulogd.protocol import ctr, wire
+from ulogd.protocol import spec as p
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state import disklog
+from ulogd.state.regionlog import RegionLog, Rejoin, Resume, initial_bit, initialise
+from ulogd.state.requests import OPERATIONS, ORDERED
+from ulogd.state.statefile import LogState, MemoryState, StateDir, StateError, file_size
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ _REGION_TYPES = frozenset(
 
 
 class LogDevice(Protocol):
-    """What the server needs of an opened log device (see ``ulogd.disklog``)."""
+    """What the server needs of an opened log device (see ``ulogd.state.disklog``)."""
 
     block_size: int
     size_bytes: int
@@ -216,7 +217,7 @@ def tag(uuid: str) -> str:
 
 def about(key: tuple[str, int]) -> dict[str, object]:
     """``extra=`` for a log record about one log: its whole identity, so that the control
-    socket's last-error table (``ulogd.control.LastErrors``) attributes the record to that
+    socket's last-error table (``ulogd.ops.control.LastErrors``) attributes the record to that
     log and no other (two uuids may share the tail a line shows)."""
     return {"ulogd_log": key}
 
@@ -267,13 +268,13 @@ class Server:
         #: the clock of the rate limits (seconds; tests pass their own)
         self.clock = clock
         #: lines a flood could multiply: rejected datagrams, unknown logs, regions out of
-        #: range, refused constructors, resource faults (a window per kind; ulogd.ratelimit)
+        #: range, refused constructors, resource faults (a window per kind; ulogd.engine.ratelimit)
         self.limiter = RateLimiter()
         self._orphan_since: dict[tuple[tuple[str, int], int], float] = {}
         #: state files of destroyed logs whose removal failed: path → inode (see
         #: :meth:`retry_removals`); each also carries the DESTROYED tombstone
         self.unremoved: dict[Path, int] = {}
-        #: the life-cycle requests (rows without a RegionLog operation: ulogd.requests)
+        #: the life-cycle requests (rows without a RegionLog operation: ulogd.state.requests)
         self._lifecycle: dict[int, Callable[[Entry, wire.Request], list[Action]]] = {
             T.DTR: self._dtr,
             T.PRESUSPEND: self._presuspend,
@@ -393,7 +394,7 @@ class Server:
         return named
 
     def _dispatch(self, entry: Entry, request: wire.Request) -> list[Action]:
-        """Serve one request through its row of :data:`ulogd.requests.OPERATIONS`: the
+        """Serve one request through its row of :data:`ulogd.state.requests.OPERATIONS`: the
         group orders it, or the engine runs a life-cycle request, or the row's RegionLog
         operation answers it here."""
         row = OPERATIONS[request.request_type]

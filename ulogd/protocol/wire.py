@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ulogd import protocol as p
+from ulogd.protocol import spec as p
 
 NLMSGHDR: tuple[tuple[str, str], ...] = (
     ("nlmsg_len", "I"),

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A request's meaning is written once, in :data:`OPERATIONS`, and read by the single-node path
-(:class:`ulogd.server.Server`), the cluster path (:class:`ulogd.cluster.group.Group`, which
+(:class:`ulogd.engine.server.Server`), the cluster path (:class:`ulogd.cluster.group.Group`, which
 applies the same row at delivery with the originator's node id), the replay tool and the
 fuzz targets.  A row (:class:`Operation`) names:
 
@@ -13,7 +13,7 @@ fuzz targets.  A row (:class:`Operation`) names:
   log's end: ``-EINVAL``), or None;
 * ``acknowledge`` — what this node's kernel is known to hold once the request is acknowledged
   (:meth:`RegionLog.kernel_marked` / :meth:`RegionLog.kernel_cleared`), or None;
-* ``apply`` — the :class:`~ulogd.regionlog.RegionLog` operation and the reply codec:
+* ``apply`` — the :class:`~ulogd.state.regionlog.RegionLog` operation and the reply codec:
   ``(rl, node, values) -> (error, reply payload)``; None for the life-cycle requests (CTR,
   DTR, PRESUSPEND, POSTSUSPEND, RESUME), which open devices, join groups and read disks, and
   which the engine serves itself;
@@ -33,10 +33,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ulogd import protocol as p
-from ulogd.protocol import PAIR, S64, U64
-from ulogd.protocol import RequestType as T
-from ulogd.regionlog import RegionLog
+from ulogd.protocol import spec as p
+from ulogd.protocol.spec import PAIR, S64, U64
+from ulogd.protocol.spec import RequestType as T
+from ulogd.state.regionlog import RegionLog
 
 Values = Sequence[int]
 Result = tuple[int, bytes]
@@ -183,7 +183,7 @@ _ROWS = (
     ),
 )
 
-#: request type → its row; every type of :data:`ulogd.protocol.SPECS` has one
+#: request type → its row; every type of :data:`ulogd.protocol.spec.SPECS` has one
 OPERATIONS: dict[int, Operation] = {int(row.type): row for row in _ROWS}
 
 #: the request types a clustered log orders through its group

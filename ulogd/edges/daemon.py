@@ -5,9 +5,10 @@ Theory of operation
 A single thread runs a ``selectors`` loop over three kinds of descriptor:
 
 * the transport socket — every readable datagram is drained and fed to
-  :meth:`Server.receive <ulogd.server.Server.receive>`; replies go out at once;
+  :meth:`Server.receive <ulogd.engine.server.Server.receive>`; replies go out at once;
 * an ``eventfd`` that disk workers signal — one worker thread per log device performs the
-  :class:`~ulogd.server.DiskRead`/:class:`~ulogd.server.DiskWrite` actions in order, so a
+  :class:`~ulogd.engine.server.DiskRead`/:class:`~ulogd.engine.server.DiskWrite` actions in order,
+  so a
   slow device delays only the log that owns it; completions are handed back to the server
   on the loop thread (the server is never touched from another thread);
 * the signal wake-up pipe — SIGTERM/SIGINT stop the loop (state lives in the run directory's
@@ -41,9 +42,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ulogd.capture import Direction
-from ulogd.metrics import Metrics
-from ulogd.server import (
+from ulogd.edges.capture import Direction
+from ulogd.edges.transport import Transport
+from ulogd.engine.server import (
     Action,
     ClusterSend,
     Cycle,
@@ -57,7 +58,7 @@ from ulogd.server import (
     Server,
     about,
 )
-from ulogd.transport import Transport
+from ulogd.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class DiskWorker:
 
 
 class JobWorker:
-    """Runs :class:`~ulogd.server.Prepare` jobs (building or counting a huge log's state
+    """Runs :class:`~ulogd.engine.server.Prepare` jobs (building or counting a huge log's state
     file) in order, off the event loop; results go to the same queue as disk I/O."""
 
     def __init__(self, done: queue.SimpleQueue[Any], wake: int) -> None:
@@ -182,7 +183,7 @@ class Daemon:
         self._signals: list[int] = []
         self._pidfile: int | None = None
         self.served = 0
-        #: counters and the reply-latency histogram (ulogd.metrics renders them)
+        #: counters and the reply-latency histogram (ulogd.ops.metrics renders them)
         self.metrics = Metrics()
         self._observe = self.metrics.latency.observe  # once per reply: keep the lookup short
         self._io_started: dict[int, int] = {}  # disk token → arrival of the request (ns)
@@ -441,7 +442,7 @@ class Daemon:
 
     def _cycle(self, key: tuple[str, int]) -> None:
         """Suspend/resume the local mirror(s) using this log, without blocking the loop."""
-        from ulogd import dmcontrol
+        from ulogd.edges import dmcontrol
 
         tag = key[0][-8:]
         try:

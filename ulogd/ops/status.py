@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One ``status`` request (:func:`ulogd.control.request`) returns the daemon's snapshot as JSON;
+One ``status`` request (:func:`ulogd.ops.control.request`) returns the daemon's snapshot as JSON;
 this module only renders it:
 
 * :func:`render_table` — a header line about the daemon, one row per log (uuid, the local dm
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from ulogd import control
+from ulogd.ops import control
 
 EXIT_ERROR = 1
 EXIT_NO_DAEMON = 3

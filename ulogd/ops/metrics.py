@@ -19,7 +19,7 @@ Collection runs on the loop thread — through the control socket's ``metrics`` 
 optional HTTP listener (:class:`HttpListener`), which is served from the daemon's own selector
 loop and never from another thread, so no lock is needed against the server's state.  The
 listener is off unless the configuration names an address, and it refuses to bind anything but
-a loopback address (see :func:`ulogd.config.parse_listen`).
+a loopback address (see :func:`ulogd.ops.config.parse_listen`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ulogd import __version__
 
 if TYPE_CHECKING:
-    from ulogd.daemon import Daemon
+    from ulogd.edges.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Metrics:
 
 
 class DaemonCollector:
-    """A ``prometheus_client`` collector reading a :class:`~ulogd.daemon.Daemon`."""
+    """A ``prometheus_client`` collector reading a :class:`~ulogd.edges.daemon.Daemon`."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -266,7 +266,7 @@ class HttpListener:
     """``GET /metrics`` over HTTP/1.0, served from the daemon's selector loop."""
 
     def __init__(self, daemon: Daemon, host: str, port: int) -> None:
-        from ulogd.control import StreamService
+        from ulogd.ops.control import StreamService
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-:class:`CorosyncLink` performs the server's cluster actions — :class:`~ulogd.server.Join`,
-:class:`~ulogd.server.ClusterSend`, :class:`~ulogd.server.Leave` — with :mod:`cpg` handles,
+:class:`CorosyncLink` performs the server's cluster actions — :class:`~ulogd.engine.server.Join`,
+:class:`~ulogd.engine.server.ClusterSend`, :class:`~ulogd.engine.server.Leave` — with :mod:`cpg`
+handles,
 and feeds each handle's deliveries and configuration changes back to
-:meth:`Server.group_deliver <ulogd.server.Server.group_deliver>` /
-:meth:`Server.group_confchg <ulogd.server.Server.group_confchg>` in delivery order; the
+:meth:`Server.group_deliver <ulogd.engine.server.Server.group_deliver>` /
+:meth:`Server.group_confchg <ulogd.engine.server.Server.group_confchg>` in delivery order; the
 actions those return go back to the daemon to perform.  Handles are polled by the daemon's
 selector (``fileno``), sends go through each handle's outbound queue (``CS_ERR_TRY_AGAIN``
 never spins: the daemon's loop wakes up after :meth:`timeout` to retry).
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cpg
-from ulogd.server import Action, ClusterSend, Join, Leave, Server, about
+from ulogd.engine.server import Action, ClusterSend, Join, Leave, Server, about
 
 log = logging.getLogger(__name__)
 

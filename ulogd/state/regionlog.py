@@ -62,8 +62,8 @@ from typing import NamedTuple
 
 from bitarray import bitarray
 
-from ulogd import protocol as p
-from ulogd.ctr import LogConfig, SyncMode
+from ulogd.protocol import spec as p
+from ulogd.protocol.ctr import LogConfig, SyncMode
 
 CHUNK_SHIFT = 12  # 4096 regions = 512 bitmap bytes per disk chunk
 

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from ulogd import __version__
 
 if TYPE_CHECKING:
-    from ulogd.daemon import Daemon
+    from ulogd.edges.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class LastErrors(logging.Handler):
     """Remembers the newest warning or error for each log and for the daemon.
 
     A record is about a log when it carries that log's whole identity (``extra=about(key)``,
-    see :func:`ulogd.server.about`): the ``[tail]`` a line starts with is for operators and
+    see :func:`ulogd.engine.server.about`): the ``[tail]`` a line starts with is for operators and
     may be shared by two logs.  Any other error is the daemon's."""
 
     LIMIT = 4096
@@ -440,7 +440,7 @@ class ControlServer:
         return snapshot(self.daemon, self.errors, extra)
 
     def _metrics(self, _message: dict[str, Any]) -> dict[str, Any]:
-        from ulogd.metrics import render
+        from ulogd.ops.metrics import render
 
         return {"ok": True, "text": render(self.daemon).decode()}
 
@@ -489,7 +489,7 @@ def request(
 def attach_services(daemon: Daemon, run_dir: Path | None, settings: Any | None = None) -> None:
     """Give a daemon its operator interfaces: the control socket in ``run_dir``, the
     last-error tracker and, when ``settings.metrics_listen`` names an address, the HTTP
-    metrics listener (``settings`` is a :class:`ulogd.config.Settings`)."""
+    metrics listener (``settings`` is a :class:`ulogd.ops.config.Settings`)."""
     errors = LastErrors()
     logger = logging.getLogger("ulogd")
     logger.addHandler(errors)
@@ -502,8 +502,8 @@ def attach_services(daemon: Daemon, run_dir: Path | None, settings: Any | None =
             "metrics_listen": settings.metrics_listen,
         }
     if settings is not None and settings.metrics_listen:
-        from ulogd.config import parse_listen
-        from ulogd.metrics import HttpListener
+        from ulogd.ops.config import parse_listen
+        from ulogd.ops.metrics import HttpListener
 
         host, port = parse_listen(settings.metrics_listen)
         listener = HttpListener(daemon, host, port)

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ulogd import __version__, wire
+from ulogd import __version__
+from ulogd.protocol import wire
 
 #: The installed command (not "ulogd": that is netfilter's logging daemon on root's PATH).
 PROG = "dm-ulogd"
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wide", action="store_true", help="show whole uuids (default: LVM-...a1b2c3d4)"
     )
 
-    from ulogd import tablegen
+    from ulogd.ops import tablegen
 
     table = commands.add_parser(
         "table",
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tablegen.add_arguments(table)
 
-    from ulogd import replay
+    from ulogd.ops import replay
 
     replay.add_arguments(
         commands.add_parser(
@@ -141,11 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return cmd_status(args)
     if args.command == "table":
-        from ulogd import tablegen
+        from ulogd.ops import tablegen
 
         return tablegen.main(args)
     if args.command == "replay":
-        from ulogd import replay
+        from ulogd.ops import replay
 
         return replay.run_cli(args)
     parser.error(f"unknown command {args.command}")
@@ -192,7 +193,7 @@ def _stderr_is_journal() -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ulogd import config, status
+    from ulogd.ops import config, status
 
     run_dir = args.run_dir
     if run_dir is None:
@@ -214,7 +215,7 @@ _SETTINGS = ("run_dir", "log_level", "capture", "transport", "node_id", "cluster
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ulogd import config
+    from ulogd.ops import config
 
     try:
         settings = config.resolve(args.config, {k: getattr(args, k) for k in _SETTINGS})
@@ -285,11 +286,13 @@ OFFLOAD_BYTES = 1 << 20
 
 
 def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from ulogd import blockdev, config, disklog, statefile
-    from ulogd.daemon import Daemon
-    from ulogd.server import DeviceError, LogDevice, Server
-    from ulogd.statefile import StateDir
-    from ulogd.transport import open_transport
+    from ulogd.edges import blockdev
+    from ulogd.edges.daemon import Daemon
+    from ulogd.edges.transport import open_transport
+    from ulogd.engine.server import DeviceError, LogDevice, Server
+    from ulogd.ops import config
+    from ulogd.state import disklog, statefile
+    from ulogd.state.statefile import StateDir
 
     layout = wire.LAYOUTS[args.protocol]
     run_dir: Path = args.run_dir
@@ -316,7 +319,7 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     clustered = args.cluster == "corosync"
     node_id = args.node_id or 0
     if clustered:
-        from ulogd.cluster.node import local_nodeid
+        from ulogd.edges.corosync import local_nodeid
 
         try:
             node_id = local_nodeid()
@@ -345,19 +348,19 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         daemon = Daemon(server, transport, run_dir=run_dir)
         daemon_box.append(daemon)
         daemon.lock_run_dir()
-        from ulogd.control import attach_services
+        from ulogd.ops.control import attach_services
 
         # Before restore(), so that errors about restored logs reach ``dm-ulogd status``.
         attach_services(daemon, run_dir, getattr(args, "settings", None))
         assert server.state_dir is not None
         restored = server.restore(server.state_dir.load_all())
         if args.capture:
-            from ulogd.capture import CaptureWriter
+            from ulogd.edges.capture import CaptureWriter
 
             capture = CaptureWriter(args.capture)
             daemon.capture = capture
         if clustered:
-            from ulogd.cluster.node import CorosyncLink
+            from ulogd.edges.corosync import CorosyncLink
 
             def register(fd: int, callback: Callable[[], None] | None) -> None:
                 if callback is None:

@@ -26,8 +26,8 @@ import errno
 import socket
 from pathlib import Path
 
-from ulogd.protocol import CN_IDX_DM, NETLINK_CONNECTOR
-from ulogd.transport import TransportError
+from ulogd.edges.transport import TransportError
+from ulogd.protocol.spec import CN_IDX_DM, NETLINK_CONNECTOR
 
 GROUP_BIT = 1 << (CN_IDX_DM - 1)
 SOL_NETLINK = 270

@@ -13,7 +13,7 @@ nothing, while a reboot — which also resets the kernel's side — starts clean
 File layout 3 (host byte order; the file never leaves this machine)::
 
     0      magic "ULOGDST1", layout version, header size (4096)
-    ...    luid, region count and size, bitmap size, the :class:`~ulogd.regionlog.Scalars`,
+    ...    luid, region count and size, bitmap size, the :class:`~ulogd.state.regionlog.Scalars`,
            a save counter
     1024   the uuid (as ulogd names it: up to 4 x 129 characters, every byte the kernel may
            send escaped) and the constructor text (enough to rebuild the log)
@@ -73,9 +73,9 @@ from pathlib import Path
 
 from bitarray import bitarray
 
-from ulogd import ctr
-from ulogd import protocol as p
-from ulogd.regionlog import Scalars, padded_bits, scalars_problem
+from ulogd.protocol import ctr
+from ulogd.protocol import spec as p
+from ulogd.state.regionlog import Scalars, padded_bits, scalars_problem
 
 log = logging.getLogger(__name__)
 

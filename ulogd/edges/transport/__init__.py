@@ -33,11 +33,11 @@ class TransportError(Exception):
 def open_transport(spec: str, *, reply_seq_offset: int = 184) -> Transport:
     """``netlink`` (default) or ``unix:PATH``."""
     if spec == "netlink":
-        from ulogd.transport.netlink import NetlinkTransport
+        from ulogd.edges.transport.netlink import NetlinkTransport
 
         return NetlinkTransport()
     if spec.startswith("unix:"):
-        from ulogd.transport.unixsock import UnixServerTransport
+        from ulogd.edges.transport.unixsock import UnixServerTransport
 
         return UnixServerTransport(spec[5:], reply_seq_offset=reply_seq_offset)
     raise TransportError(f"unknown transport {spec!r} (expected 'netlink' or 'unix:PATH')")

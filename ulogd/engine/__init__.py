@@ -1,0 +1,1 @@
+"""The sans-IO request engine: the table of logs, dispatch, actions out."""

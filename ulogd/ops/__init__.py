@@ -1,0 +1,1 @@
+"""What an operator runs or reads: the command line, control socket, metrics, tools."""

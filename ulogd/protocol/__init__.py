@@ -1,0 +1,1 @@
+"""The dm-log-userspace vocabulary and byte formats (no state)."""
