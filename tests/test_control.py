@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.ops import control
+from ulogd.ops import control, service
 
 NOBODY = 65534
 
@@ -255,7 +255,7 @@ def test_request_without_newline_is_answered_at_eof(daemon: DaemonProcess) -> No
 
 
 def test_oversized_request_refused(daemon: DaemonProcess) -> None:
-    answer = raw_exchange(daemon.control, b"x" * (control.MAX_REQUEST + 10))
+    answer = raw_exchange(daemon.control, b"x" * (service.MAX_REQUEST + 10))
     assert answer["ok"] is False
     assert "larger than" in answer["error"]
     assert daemon.request("ping")["ok"]
@@ -264,7 +264,7 @@ def test_oversized_request_refused(daemon: DaemonProcess) -> None:
 def test_idle_clients_cannot_exhaust_the_daemon(daemon: DaemonProcess) -> None:
     idle = []
     try:
-        for _ in range(control.MAX_CONNECTIONS + 10):
+        for _ in range(service.MAX_CONNECTIONS + 10):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(str(daemon.control))
             idle.append(s)

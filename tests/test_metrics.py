@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_control import DaemonProcess
+from ulogd.edges import counters
 from ulogd.edges.transport.unixsock import UnixClient
 from ulogd.ops import metrics
 from ulogd.protocol.spec import RequestType as T
@@ -171,7 +172,7 @@ def test_disk_flushes_and_bytes(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- pieces
 def test_histogram_bucket_edges() -> None:
-    h = metrics.LatencyHistogram()
+    h = counters.LatencyHistogram()
     for ns in (1, 10_000, 10_001, 999_999_999, 1_000_000_000, 5_000_000_000):
         h.observe(ns)
     buckets = dict(h.buckets())
@@ -183,7 +184,7 @@ def test_histogram_bucket_edges() -> None:
 
 
 def test_cluster_hooks_count() -> None:
-    m = metrics.Metrics()
+    m = counters.Metrics()
     m.cluster_delivery()
     m.cluster_delivery(4)
     m.membership_change()

@@ -268,6 +268,7 @@ def test_empty_daemon() -> None:
 def test_cluster_group_shown() -> None:
     from types import SimpleNamespace
 
+    from ulogd.engine.view import GroupView
     from ulogd.ops.control import _group_info
 
     group = SimpleNamespace(
@@ -279,7 +280,7 @@ def test_cluster_group_shown() -> None:
         outbox=[object()],
         dropped=0,
     )
-    info = _group_info(group)
+    info = _group_info(GroupView.of(group))  # type: ignore[arg-type]
     assert info["server"] == 1 and info["members"] == [1, 3]
     assert info["cluster"]["phase"] == "valid" and info["cluster"]["unsent"] == 1
     snap = _snapshot(10)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ulogd.edges.capture import Direction
+from ulogd.edges.counters import Metrics
 from ulogd.edges.transport import Transport
 from ulogd.engine.server import (
     Action,
@@ -58,7 +59,6 @@ from ulogd.engine.server import (
     Server,
     about,
 )
-from ulogd.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ class Daemon:
                     log.info("SIGHUP: nothing to reload")
 
     def dump(self) -> None:
-        lines = self.server.dump()
+        lines = self.server.dump(time.time())
         log.warning("state of %d log(s), %d datagrams served:", len(lines), self.served)
         for line in lines:
             log.warning("  %s", line)

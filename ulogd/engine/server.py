@@ -50,6 +50,7 @@ from typing import Any, Protocol
 from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
 from ulogd.engine.ratelimit import RateLimiter
+from ulogd.engine.view import GroupView, LogView, OrphanView
 from ulogd.protocol import ctr, wire
 from ulogd.protocol import spec as p
 from ulogd.protocol.spec import RequestType as T
@@ -1189,12 +1190,53 @@ class Server:
             del self._orphan_since[gone]
         return report
 
-    def dump(self) -> list[str]:
+    def view(self, now: float) -> list[LogView]:
+        """Every log, sorted by identity, as status, metrics and the dump show it (``now``: the
+        caller's wall clock, which dates first-seen orphans: :meth:`orphan_report`)."""
+        orphans: dict[tuple[str, int], list[OrphanView]] = {}
+        for key, node, held, since in self.orphan_report(now):
+            orphans.setdefault(key, []).append(OrphanView(node, held, since))
+        views = []
+        for (uuid, luid), entry in sorted(self.logs.items()):
+            rl = entry.log
+            config = rl.config
+            recovering = rl.recovering >= 0
+            views.append(
+                LogView(
+                    uuid=uuid,
+                    luid=luid,
+                    type_word=config.type_word,
+                    target_sectors=config.target_sectors,
+                    regions=rl.region_count,
+                    region_size=config.region_size,
+                    sync_mode=config.sync.value or "default",
+                    block_on_error=config.block_on_error,
+                    in_sync=rl.sync_count,
+                    marked=len(rl.holders),
+                    recovering=rl.recovering if recovering else None,
+                    recoverer=rl.recoverer if recovering else None,
+                    recovery_halted=rl.recovery_halted,
+                    resumed=rl.resumed,
+                    log_device=config.log_device,
+                    device_id=rl.device_id,
+                    has_disk=rl.has_disk,
+                    health=rl.health(),
+                    disk_failed=rl.disk_failed,
+                    queued=len(entry.queue),
+                    members=tuple(sorted(rl.members)),
+                    orphans=tuple(orphans.get((uuid, luid), ())),
+                    group=GroupView.of(entry.group) if entry.group is not None else None,
+                    description=rl.describe(),
+                )
+            )
+        return views
+
+    def dump(self, now: float) -> list[str]:
         """One line per log (SIGUSR1)."""
         return [
-            f"{tag(uuid)} luid={luid:#x} {entry.log.describe()}"
-            + (f" queued={len(entry.queue)}" if entry.queue else "")
-            for (uuid, luid), entry in sorted(self.logs.items())
+            f"{tag(v.uuid)} luid={v.luid:#x} {v.description}"
+            + (f" queued={v.queued}" if v.queued else "")
+            for v in self.view(now)
         ]
 
     def close(self) -> None:

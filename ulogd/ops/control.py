@@ -21,17 +21,8 @@ mode 0600 and the run directory 0700 as well, so in practice a non-root user is 
 by the file system; the credential check is what holds when either is widened (e.g. a
 ``RuntimeDirectoryMode=0755``) or a process keeps ``CAP_DAC_OVERRIDE`` without being root.
 
-Everything is served from the daemon's selector loop (:class:`StreamService`: non-blocking
-accept, read until the terminator, write, close), so the server's state is only ever read on
-the loop thread.  A request larger than 64 KiB is refused; at most 64 connections are open at
-once (the oldest is dropped), so a stuck client cannot exhaust descriptors.
-
-At the descriptor limit (``accept()`` fails with EMFILE, ENFILE, ENOBUFS or ENOMEM) the
-pending connection stays queued and the listener stays readable: polling it would spin.  The
-listener is then taken out of the loop for :data:`BACKOFF_FIRST` seconds, doubling up to
-:data:`BACKOFF_MAX`, and polled again; one line reports the episode when it starts and one
-when it ends (every queued connection accepted).  Queued clients are answered once
-descriptors free up.
+Everything is served from the daemon's selector loop (:class:`ulogd.ops.service.StreamService`),
+so the server's state is only ever read on the loop thread.
 
 The last error seen for each log is derived from the daemon's own log records
 (:class:`LastErrors`): every server message about a log starts with its uuid tail
@@ -43,217 +34,26 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import json
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ulogd import __version__
+from ulogd.ops.metrics import HttpListener, render
+from ulogd.ops.service import MAX_CONNECTIONS, Peer, StreamService, reply_bytes
 
 if TYPE_CHECKING:
     from ulogd.edges.daemon import Daemon
+    from ulogd.engine.view import GroupView, LogView
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
-MAX_REQUEST = 65536
-MAX_CONNECTIONS = 64
-#: seconds the listener rests after an accept() that failed for want of a resource, doubling
-#: at each further failure up to BACKOFF_MAX
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 1.0
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_UCRED = struct.Struct("3i")
-
-Handler = Callable[[bytes, "Peer"], bytes]
-
-
-class Peer:
-    """Credentials of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
-
-    __slots__ = ("gid", "pid", "uid")
-
-    def __init__(self, pid: int, uid: int, gid: int) -> None:
-        self.pid, self.uid, self.gid = pid, uid, gid
-
-    @classmethod
-    def of(cls, sock: socket.socket) -> Peer | None:
-        if sock.family != socket.AF_UNIX:
-            return None
-        pid, uid, gid = _UCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        )
-        return cls(pid, uid, gid)
-
-
-class _Connection:
-    def __init__(self, service: StreamService, sock: socket.socket) -> None:
-        self.service = service
-        self.sock = sock
-        self.peer = Peer.of(sock)
-        self.inbox = bytearray()
-        self.outbox = b""
-        self.closed = False
-
-    def readable(self) -> None:
-        if self.closed:
-            return
-        try:
-            chunk = self.sock.recv(16384)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.inbox += chunk
-        terminator = self.service.terminator
-        if terminator in self.inbox:
-            request = bytes(self.inbox[: self.inbox.index(terminator)])
-            self.respond(self.service.answer(request, self.peer))
-        elif len(self.inbox) > MAX_REQUEST:
-            self.respond(self.service.too_large())
-        elif not chunk:  # EOF without a terminator: answer what came
-            self.respond(self.service.answer(bytes(self.inbox), self.peer))
-
-    def respond(self, data: bytes) -> None:
-        self.outbox = data
-        self.service.daemon.add_writer(self.sock.fileno(), self.writable)
-        self.writable()
-
-    def writable(self) -> None:
-        if self.closed:
-            return
-        try:
-            sent = self.sock.send(self.outbox)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.outbox = self.outbox[sent:]
-        if not self.outbox:
-            self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.service.daemon.remove_fd(self.sock.fileno())
-        self.sock.close()
-        self.service.connections.pop(id(self), None)
-
-
-class StreamService:
-    """A listening stream socket served from the daemon loop: one request, one answer."""
-
-    def __init__(
-        self,
-        daemon: Daemon,
-        sock: socket.socket,
-        handler: Handler,
-        *,
-        terminator: bytes = b"\n",
-        too_large: bytes = b"",
-    ) -> None:
-        self.daemon = daemon
-        self.sock = sock
-        self.handler = handler
-        self.terminator = terminator
-        self._too_large = too_large
-        self.connections: collections.OrderedDict[int, _Connection] = collections.OrderedDict()
-        #: accept() failures for want of a resource: in all, and in the current episode
-        self.accept_failures = 0
-        self._episode_failures = 0
-        self._episode_started = 0.0
-        self._backoff = BACKOFF_FIRST
-        self._paused = False
-        self.name = "control" if sock.family == socket.AF_UNIX else "metrics"
-        sock.setblocking(False)
-        daemon.add_reader(sock.fileno(), self._accept)
-        daemon.at_shutdown(self.close)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                if self._episode_failures:  # every queued client accepted: the episode ends
-                    log.warning(
-                        "%s: accepting connections again (%d attempt(s) failed for want of "
-                        "a resource in %.1f s)",
-                        self.name,
-                        self._episode_failures,
-                        time.monotonic() - self._episode_started,
-                    )
-                    self._episode_failures = 0
-                    self._backoff = BACKOFF_FIRST
-                return
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ERRORS:
-                    self._pause(exc)
-                return
-            conn.setblocking(False)
-            while len(self.connections) >= MAX_CONNECTIONS:
-                _, oldest = self.connections.popitem(last=False)
-                oldest.close()
-            c = _Connection(self, conn)
-            self.connections[id(c)] = c
-            self.daemon.add_reader(conn.fileno(), c.readable)
-
-    def _pause(self, exc: OSError) -> None:
-        """Stop polling the listener for a while (see the module docstring)."""
-        self.accept_failures += 1
-        if not self._episode_failures:
-            self._episode_started = time.monotonic()
-            log.error(
-                "%s: cannot accept connections: %s; the listener pauses and retries every "
-                "%g-%g s until it can",
-                self.name,
-                exc,
-                BACKOFF_FIRST,
-                BACKOFF_MAX,
-            )
-        else:
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-        self._episode_failures += 1
-        self._paused = True
-        self.daemon.remove_fd(self.sock.fileno())
-        self.daemon.call_later(self._backoff, self._resume)
-
-    def _resume(self) -> None:
-        if self._paused and self.sock.fileno() >= 0:
-            self._paused = False
-            self.daemon.add_reader(self.sock.fileno(), self._accept)
-            self._accept()  # at once: an empty queue ends the episode too
-
-    def answer(self, request: bytes, peer: Peer | None) -> bytes:
-        try:
-            return self.handler(request, peer)  # type: ignore[arg-type]
-        except Exception as exc:
-            log.exception("control: internal error answering a request")
-            return _reply({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
-
-    def too_large(self) -> bytes:
-        return self._too_large or _reply(
-            {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"}
-        )
-
-    def close(self) -> None:
-        for conn in list(self.connections.values()):
-            conn.close()
-        if self.sock.fileno() >= 0:
-            self.daemon.remove_fd(self.sock.fileno())
-            self.sock.close()
-
-
-def _reply(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 class LastErrors(logging.Handler):
@@ -297,47 +97,7 @@ def snapshot(
 ) -> dict[str, Any]:
     """The ``status`` answer: the daemon and every log (JSON-ready)."""
     server = daemon.server
-    logs = []
-    orphans = server.orphan_report(time.time())
-    for (uuid, luid), entry in sorted(server.logs.items()):
-        rl = entry.log
-        config = rl.config
-        n = rl.region_count
-        logs.append(
-            {
-                "uuid": uuid,
-                "luid": luid,
-                "type": config.type_word,
-                "target_sectors": config.target_sectors,
-                "regions": n,
-                "region_size": config.region_size,
-                "sync_mode": config.sync.value or "default",
-                "block_on_error": config.block_on_error,
-                "in_sync": rl.sync_count,
-                "in_sync_percent": round(100.0 * rl.sync_count / n, 2) if n else 100.0,
-                "marked": len(rl.holders),
-                "orphans": [
-                    {"node": node, "regions": held, "since": since}
-                    for k, node, held, since in orphans
-                    if k == (uuid, luid)
-                ],
-                "recovering": rl.recovering if rl.recovering >= 0 else None,
-                "recoverer": rl.recoverer if rl.recovering >= 0 else None,
-                "recovery_halted": rl.recovery_halted,
-                "state": "active" if rl.resumed else "suspended",
-                "log_device": config.log_device,
-                "device_id": rl.device_id,
-                "health": rl.health() if rl.has_disk else None,
-                "queued": len(entry.queue),
-                "server": server.local_node,
-                "members": sorted(rl.members),
-                "cluster": None,
-                "last_error": errors.for_log(uuid, luid) if errors else None,
-            }
-        )
-        group = getattr(entry, "group", None)
-        if group is not None:  # a clustered log in cluster mode: the group knows better
-            logs[-1].update(_group_info(group))
+    logs = [_log_info(v, server.local_node, errors) for v in server.view(time.time())]
     info: dict[str, Any] = {
         "version": __version__,
         "pid": os.getpid(),
@@ -354,20 +114,52 @@ def snapshot(
     return {"ok": True, "daemon": info, "logs": logs}
 
 
-def _group_info(group: Any) -> dict[str, Any]:
-    """What ``status`` shows of a log's process group (``ulogd.cluster.group.Group``)."""
-    members = getattr(group, "members", ())
-    phase = getattr(group, "phase", None)
+def _log_info(v: LogView, node: int, errors: LastErrors | None) -> dict[str, Any]:
+    """One log of the ``status`` answer (the schema of ``docs/operations.rst``)."""
+    n = v.regions
+    info: dict[str, Any] = {
+        "uuid": v.uuid,
+        "luid": v.luid,
+        "type": v.type_word,
+        "target_sectors": v.target_sectors,
+        "regions": n,
+        "region_size": v.region_size,
+        "sync_mode": v.sync_mode,
+        "block_on_error": v.block_on_error,
+        "in_sync": v.in_sync,
+        "in_sync_percent": round(100.0 * v.in_sync / n, 2) if n else 100.0,
+        "marked": v.marked,
+        "orphans": [{"node": o.node, "regions": o.regions, "since": o.since} for o in v.orphans],
+        "recovering": v.recovering,
+        "recoverer": v.recoverer,
+        "recovery_halted": v.recovery_halted,
+        "state": "active" if v.resumed else "suspended",
+        "log_device": v.log_device,
+        "device_id": v.device_id,
+        "health": v.health if v.has_disk else None,
+        "queued": v.queued,
+        "server": node,
+        "members": list(v.members),
+        "cluster": None,
+        "last_error": errors.for_log(v.uuid, v.luid) if errors else None,
+    }
+    if v.group is not None:  # a clustered log in cluster mode: the group knows better
+        info.update(_group_info(v.group))
+    return info
+
+
+def _group_info(group: GroupView) -> dict[str, Any]:
+    """What ``status`` shows of a log's process group."""
     return {
-        "server": getattr(group, "disk_server", None),
-        "members": sorted({node for node, _pid in members}),
+        "server": group.disk_server,
+        "members": sorted({node for node, _pid in group.members}),
         "cluster": {
-            "phase": getattr(phase, "name", str(phase)).lower(),
-            "quorate": getattr(group, "quorate", None),
-            "members": [f"{node}/{pid}" for node, pid in members],
-            "in_flight": getattr(group, "in_flight", None),
-            "unsent": len(getattr(group, "outbox", ())),
-            "dropped": getattr(group, "dropped", None),
+            "phase": group.phase,
+            "quorate": group.quorate,
+            "members": [f"{node}/{pid}" for node, pid in group.members],
+            "in_flight": group.in_flight,
+            "unsent": group.unsent,
+            "dropped": group.dropped,
         },
     }
 
@@ -412,7 +204,7 @@ class ControlServer:
         if peer is None or peer.uid != 0:
             uid = "unknown" if peer is None else peer.uid
             log.warning("control: refused a client with uid %s (pid %s)", uid, peer and peer.pid)
-            return _reply(
+            return reply_bytes(
                 {
                     "ok": False,
                     "error": f"permission denied: the ulogd control socket is for root only "
@@ -422,16 +214,18 @@ class ControlServer:
         try:
             message = json.loads(request.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _reply({"ok": False, "error": f"malformed request (expected JSON): {exc}"})
+            return reply_bytes({"ok": False, "error": f"malformed request (expected JSON): {exc}"})
         if not isinstance(message, dict) or not isinstance(message.get("command"), str):
-            return _reply({"ok": False, "error": 'malformed request: expected {"command": "..."}'})
+            return reply_bytes(
+                {"ok": False, "error": 'malformed request: expected {"command": "..."}'}
+            )
         command = self.commands.get(message["command"])
         if command is None:
             known = ", ".join(sorted(self.commands))
-            return _reply(
+            return reply_bytes(
                 {"ok": False, "error": f"unknown command {message['command']!r} (known: {known})"}
             )
-        return _reply(command(message))
+        return reply_bytes(command(message))
 
     def _status(self, _message: dict[str, Any]) -> dict[str, Any]:
         extra = dict(self.info)
@@ -440,8 +234,6 @@ class ControlServer:
         return snapshot(self.daemon, self.errors, extra)
 
     def _metrics(self, _message: dict[str, Any]) -> dict[str, Any]:
-        from ulogd.ops.metrics import render
-
         return {"ok": True, "text": render(self.daemon).decode()}
 
     def _ping(self, _message: dict[str, Any]) -> dict[str, Any]:
@@ -471,7 +263,7 @@ def request(
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"{path}: the daemon accepts no connection") from None
                 time.sleep(0.01)
-        sock.sendall(_reply({"command": command, **fields}))
+        sock.sendall(reply_bytes({"command": command, **fields}))
         data = bytearray()
         while True:
             chunk = sock.recv(65536)
@@ -503,7 +295,6 @@ def attach_services(daemon: Daemon, run_dir: Path | None, settings: Any | None =
         }
     if settings is not None and settings.metrics_listen:
         from ulogd.ops.config import parse_listen
-        from ulogd.ops.metrics import HttpListener
 
         host, port = parse_listen(settings.metrics_listen)
         listener = HttpListener(daemon, host, port)

@@ -2,9 +2,8 @@
 
 Theory of operation
 -------------------
-The request path pays for one thing only: the reply-latency histogram, a list of integer
-bucket counts bumped on the loop thread (:meth:`LatencyHistogram.observe`: one ``bisect`` and
-two additions, no lock — the loop is the only writer).  Everything else is *derived* when a
+The request path pays for one thing only: the reply-latency histogram of
+:mod:`ulogd.edges.counters`, bumped on the loop thread.  Everything else is *derived* when a
 scrape asks: :class:`DaemonCollector` (a ``prometheus_client`` custom collector) reads
 
 * ``Server.results`` (requests by type and result), ``Server.rejected`` and the lines its
@@ -12,8 +11,8 @@ scrape asks: :class:`DaemonCollector` (a ``prometheus_client`` custom collector)
 * every log's region counts (in sync, marked, device health);
 * the disk workers' counters (reads, flush writes, bytes written, errors — bumped on the
   worker threads, plain integers read without a lock);
-* :class:`Metrics`' own counters for the cluster layer (``cluster_delivery()``,
-  ``membership_change()``) and the histogram.
+* the daemon's own counters (:class:`ulogd.edges.counters.Metrics`) for the cluster layer
+  (``cluster_delivery()``, ``membership_change()``) and the histogram.
 
 Collection runs on the loop thread — through the control socket's ``metrics`` command or the
 optional HTTP listener (:class:`HttpListener`), which is served from the daemon's own selector
@@ -24,7 +23,6 @@ a loopback address (see :func:`ulogd.ops.config.parse_listen`).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import socket
 import time
@@ -32,89 +30,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ulogd import __version__
+from ulogd.ops.service import StreamService
 
 if TYPE_CHECKING:
     from ulogd.edges.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
-#: histogram bucket upper bounds, in nanoseconds (10 µs … 1 s)
-LATENCY_BOUNDS_NS: tuple[int, ...] = (
-    10_000,
-    25_000,
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    1_000_000_000,
-)
-
-
 #: the classic text format that ``generate_latest`` writes (every Prometheus reads it)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class LatencyHistogram:
-    """Cumulative-on-read histogram of reply latencies in nanoseconds (loop thread only)."""
-
-    __slots__ = ("counts", "sum_ns")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BOUNDS_NS) + 1)  # last: +Inf
-        self.sum_ns = 0
-
-    def observe(self, ns: int) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BOUNDS_NS, ns)] += 1
-        self.sum_ns += ns
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def buckets(self) -> list[tuple[str, int]]:
-        """(le in seconds, cumulative count) pairs as Prometheus expects them."""
-        out: list[tuple[str, int]] = []
-        total = 0
-        for bound, count in zip((*LATENCY_BOUNDS_NS, None), self.counts, strict=True):
-            total += count
-            out.append(("+Inf" if bound is None else repr(bound / 1e9), total))
-        return out
-
-
-class Metrics:
-    """What the daemon counts itself (the rest is read from the server at scrape time)."""
-
-    def __init__(self) -> None:
-        self.latency = LatencyHistogram()
-        self.cluster_deliveries = 0
-        self.membership_changes = 0
-        #: recovery cycles (suspend/resume of a local mirror) by outcome
-        self.recovery_cycles = {"ok": 0, "failed": 0, "no_mirror": 0}
-        #: dmsetup runs that failed (table lookup or suspend/resume)
-        self.dmsetup_failures = 0
-
-    # Hooks for the cluster layer.
-    def cluster_delivery(self, count: int = 1) -> None:
-        self.cluster_deliveries += count
-
-    def membership_change(self) -> None:
-        self.membership_changes += 1
-
-    def cycle_failed(self, *, dmsetup: bool) -> None:
-        """A recovery cycle that did not run: dmsetup failed, or no local mirror uses the log."""
-        if dmsetup:
-            self.dmsetup_failures += 1
-            self.recovery_cycles["failed"] += 1
-        else:
-            self.recovery_cycles["no_mirror"] += 1
 
 
 class DaemonCollector:
@@ -188,24 +112,24 @@ class DaemonCollector:
             "ulogd_log_device_failed", "1 when the log device failed (health D)", labels=labels
         )
         resumed = GaugeMetricFamily("ulogd_log_resumed", "1 when resumed (active)", labels=labels)
-        for (uuid, luid), entry in sorted(server.logs.items()):
-            rl = entry.log
-            values = [uuid, f"{luid:#x}", rl.config.type_word]
-            regions.add_metric(values, rl.region_count)
-            in_sync.add_metric(values, rl.sync_count)
-            marked.add_metric(values, len(rl.holders))
-            failed.add_metric(values, int(rl.disk_failed))
-            resumed.add_metric(values, int(rl.resumed))
+        views = server.view(time.time())
+        for v in views:
+            values = [v.uuid, f"{v.luid:#x}", v.type_word]
+            regions.add_metric(values, v.regions)
+            in_sync.add_metric(values, v.in_sync)
+            marked.add_metric(values, v.marked)
+            failed.add_metric(values, int(v.disk_failed))
+            resumed.add_metric(values, int(v.resumed))
         orphaned = GaugeMetricFamily(
             "ulogd_log_orphaned_regions",
             "Regions held for a node whose daemon is gone while the node stays in the ring",
             labels=[*labels, "node"],
         )
-        for (uuid, luid), node, held, _ in server.orphan_report(time.time()):
-            entry = server.logs[(uuid, luid)]
-            orphaned.add_metric([uuid, f"{luid:#x}", entry.log.config.type_word, str(node)], held)
+        for v in views:
+            for o in v.orphans:
+                orphaned.add_metric([v.uuid, f"{v.luid:#x}", v.type_word, str(o.node)], o.regions)
         yield orphaned
-        yield GaugeMetricFamily("ulogd_logs", "Logs served", value=len(server.logs))
+        yield GaugeMetricFamily("ulogd_logs", "Logs served", value=len(views))
         yield from (regions, in_sync, marked, failed, resumed)
 
         workers = daemon.disk_workers()
@@ -266,8 +190,6 @@ class HttpListener:
     """``GET /metrics`` over HTTP/1.0, served from the daemon's selector loop."""
 
     def __init__(self, daemon: Daemon, host: str, port: int) -> None:
-        from ulogd.ops.control import StreamService
-
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
