@@ -66,7 +66,6 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import messages as m
@@ -155,9 +154,31 @@ def _targets(members: set[MemberId] | tuple[MemberId, ...]) -> tuple[m.Target, .
     return tuple(m.Target(n, pid, 0) for n, pid in sorted(members))
 
 
-def _is_merge(event: tuple) -> bool:
+@dataclass(frozen=True, slots=True)
+class ConfChange:
+    """A configuration change as the group keeps it (queued while joining or merging)."""
+
+    members: tuple[MemberId, ...]
+    left: tuple[MemberId, ...]
+    joined: tuple[MemberId, ...]
+    nodeup: tuple[MemberId, ...]
+    procdown: tuple[MemberId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A delivered message as the group keeps it (queued while joining or merging)."""
+
+    sender: MemberId
+    message: m.Message
+
+
+Event = ConfChange | Delivery
+
+
+def _is_merge(event: Event) -> bool:
     """A configuration change that brings members of another partition (NODEUP)."""
-    return event[0] == "confchg" and any(mm in event[1] for mm in event[4])
+    return isinstance(event, ConfChange) and any(mm in event.members for mm in event.nodeup)
 
 
 @dataclass
@@ -169,7 +190,7 @@ class _Merge:
     parts: dict[MemberId, int] = field(default_factory=dict)
     points: dict[MemberId, int] = field(default_factory=dict)
     chunks: dict[MemberId, dict[int, bytes]] = field(default_factory=dict)
-    queue: list[tuple] = field(default_factory=list)
+    queue: list[tuple[int, Event]] = field(default_factory=list)
     own: ck.GroupBook | None = None  # the book of this member's own contribution
 
 
@@ -223,7 +244,7 @@ class Group:
         self._joined_seen = False
         self._elders: set[MemberId] = set()
         self._cohort: set[MemberId] = set()
-        self._queue: list[tuple[int, tuple[Any, ...]]] = []
+        self._queue: list[tuple[int, Event]] = []
         self._assembly: _Assembly | None = None
         self._leaving: wire.Request | None = None
         self._merge: _Merge | None = None
@@ -342,12 +363,13 @@ class Group:
             return self._maybe_master()
         self.index += 1
         return self._on_confchg(
-            ("confchg", members_t, tuple(left), tuple(joined), tuple(nodeup), tuple(procdown))
+            ConfChange(members_t, tuple(left), tuple(joined), tuple(nodeup), tuple(procdown))
         )
 
-    def _on_confchg(self, event: tuple) -> list[Action]:
+    def _on_confchg(self, event: ConfChange) -> list[Action]:
         """A change (already counted) as it comes, or as a merge round hands it on."""
-        _, members_t, left, joined, nodeup, procdown = event
+        members_t, left, joined = event.members, event.left, event.joined
+        nodeup, procdown = event.nodeup, event.procdown
         if self._merge is not None:
             return self._merge_confchg(members_t, left, event)
         if _is_merge(event):
@@ -414,7 +436,7 @@ class Group:
         return actions
 
     def _merge_confchg(
-        self, members: tuple[MemberId, ...], left: tuple[MemberId, ...], event: tuple
+        self, members: tuple[MemberId, ...], left: tuple[MemberId, ...], event: ConfChange
     ) -> list[Action]:
         merge = self._merge
         assert merge is not None
@@ -537,7 +559,7 @@ class Group:
             # them stay queued for a master among us to number their joins.
             self.valid -= merge.departed
             self.index = end
-            self._queue = [(pos, event) for pos, event in held if event[0] == "confchg"]
+            self._queue = [(pos, event) for pos, event in held if isinstance(event, ConfChange)]
             self._elders = set(self.valid)
             self._cohort = (merge.expect & set(self.members)) - self.valid
             if not later:
@@ -547,10 +569,10 @@ class Group:
         # starting the next round (its newcomers started theirs at it already).
         for _, event in later:
             self.index += 1
-            if event[0] == "confchg":
+            if isinstance(event, ConfChange):
                 actions += self._on_confchg(event)
             else:
-                actions += self._on_message(event[1], event[2])
+                actions += self._on_message(event.sender, event.message)
         return actions
 
     def _maybe_master(self) -> list[Action]:
@@ -564,9 +586,9 @@ class Group:
         # Joined_at is the index of each member's join in this member's own numbering (0 for
         # its cohort, the queued change's index for later ones), which now becomes absolute.
         self.joiners = {mm: 0 for mm in self.members if mm != self.me}
-        for idx, (kind, *rest) in self._queue:
-            if kind == "confchg":
-                for mm in rest[2]:
+        for idx, event in self._queue:
+            if isinstance(event, ConfChange):
+                for mm in event.joined:
                     if mm in self.joiners:
                         self.joiners[mm] = idx
         self.sender = None
@@ -718,27 +740,24 @@ class Group:
             # (a chunk of another round, too: of a merge that came during this round, whose
             # round starts when this one ends)
             self._merge.pos += 1
-            self._merge.queue.append((self._merge.pos, ("message", sender, message)))
+            self._merge.queue.append((self._merge.pos, Delivery(sender, message)))
         elif self.phase is Phase.JOINING:
             done = (
                 self._collect(message, sender) if isinstance(message, m.CheckpointChunk) else None
             )
             if done is None:
-                self._queue.append((self.index, ("message", sender, message)))
+                self._queue.append((self.index, Delivery(sender, message)))
             else:
                 actions = done
         else:
             actions = self._apply(sender, message)
         return actions
 
-    def _replay(self, idx: int, event: tuple[Any, ...]) -> list[Action]:
-        kind, *rest = event
-        if kind == "confchg":
-            members, left, joined, _, procdown = rest
-            self.index = idx
-            return self._apply_confchg(members, left, joined, procdown)
-        sender, message = rest
+    def _replay(self, idx: int, event: Event) -> list[Action]:
         self.index = idx
+        if isinstance(event, ConfChange):
+            return self._apply_confchg(event.members, event.left, event.joined, event.procdown)
+        sender, message = event.sender, event.message
         if isinstance(message, m.CheckpointChunk):
             return self._count_chunk(message, sender)
         return self._apply(sender, message)

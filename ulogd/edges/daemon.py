@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ulogd.edges.capture import Direction
 from ulogd.edges.counters import Metrics
@@ -64,6 +64,15 @@ log = logging.getLogger(__name__)
 
 #: seconds between two runs of the server's housekeeping (see :meth:`Daemon.housekeeping`)
 HOUSEKEEPING_INTERVAL = 10.0
+
+
+class ClusterEdge(Protocol):
+    """What the loop needs of the corosync edge (:class:`ulogd.edges.corosync.CorosyncLink`)."""
+
+    def timeout(self) -> float | None: ...
+    def tick(self) -> None: ...
+    def describe(self) -> str: ...
+    def perform(self, action: Join | ClusterSend | Leave) -> None: ...
 
 
 @dataclasses.dataclass
@@ -189,7 +198,7 @@ class Daemon:
         self._io_started: dict[int, int] = {}  # disk token → arrival of the request (ns)
         self._at_shutdown: list[Callable[[], None]] = []
         #: the corosync edge (cluster mode): performs Join/ClusterSend/Leave actions
-        self.cluster: Any | None = None
+        self.cluster: ClusterEdge | None = None
         self._timers: list[tuple[float, int, Callable[[], None]]] = []  # a heap by due time
         self._timer_order = itertools.count()
         self.call_every(HOUSEKEEPING_INTERVAL, self.housekeeping)

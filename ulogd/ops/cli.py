@@ -369,14 +369,15 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                     daemon.add_reader(fd, callback)
 
             settings = getattr(args, "settings", None)
-            daemon.cluster = CorosyncLink(
+            link = CorosyncLink(
                 server,
                 daemon.execute,
                 register,
                 require_quorum=bool(getattr(settings, "require_quorum", True)),
                 metrics=daemon.metrics,
             )
-            daemon.at_shutdown(daemon.cluster.close)
+            daemon.cluster = link
+            daemon.at_shutdown(link.close)
         # Restored clustered logs rejoin their groups before they answer anything; huge
         # restored logs are counted by a worker thread.
         daemon.execute(restored)
