@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from bitarray import bitarray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ulogd.protocol import ctr
 from ulogd.protocol import spec as p
-from ulogd.state.regionlog import RegionLog, Resume, new_bitmaps
+from ulogd.state.regionlog import RegionLog, Resume, Snapshot, SnapshotError, new_bitmaps
 
 A, B = 1, 2
 
@@ -363,3 +364,35 @@ def test_merge_is_alike_in_any_order_and_keeps_the_invariants(sides: list, rnd: 
             for r, h in rl.holders.items():
                 assert h & nodes <= target.holders.get(r, set())
     assert results[0] == results[1] == results[2]
+
+
+def _snapshot_of(rl: RegionLog, **changes: object) -> Snapshot:
+    fields = {
+        "clean": rl.clean.copy(), "sync": rl.sync.copy(), "holders": {}, "orphans": set(),
+        "priority": [], "dirty_chunks": set(), "sync_search": 0, "recovering": -1,
+        "recoverer": -1, "disk_failed": False, "full_write": False, "in_sync_override": False,
+    }  # fmt: skip
+    fields.update(changes)
+    return Snapshot(**fields)  # type: ignore[arg-type]
+
+
+def test_a_snapshot_with_a_held_region_clean_is_refused_and_changes_nothing() -> None:
+    peer = make()
+    peer.set_region_sync(A, 5, True)
+    peer.clear(A, [5])  # region 5 in sync and clean in the peer
+    rl = make()
+    before = (rl.clean.copy(), rl.sync.copy(), rl.sync_count)
+    with pytest.raises(SnapshotError, match="inconsistent"):
+        rl.load(_snapshot_of(peer, holders={5: {B}}))
+    assert (rl.clean, rl.sync, rl.sync_count) == before and not rl.holders
+
+
+def test_a_loaded_snapshot_is_the_replica_and_its_scalars_are_to_be_saved() -> None:
+    peer = make()
+    peer.mark(B, [7])
+    rl = make()
+    rl.load(_snapshot_of(peer, holders={7: {B}}, sync_search=3))
+    assert rl.marks_of(B) == [7] and rl.marks_of(A) == []
+    assert rl.sync_count == peer.sync_count and rl.sync_search == 3
+    assert rl.scalars_changed
+    assert rl.take_scalars().sync_search == 3 and not rl.scalars_changed

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from ulogd.state.regionlog import CHUNK_SHIFT, RegionLog, Scalars, scalars_problem
+from ulogd.state.regionlog import RegionLog, Snapshot, SnapshotError
 
 _HEAD = struct.Struct("<4sIQQQqqIIIIIIIQI")
 _MAGIC = b"UCK2"
@@ -124,31 +124,24 @@ def restore(rl: RegionLog, blob: bytes) -> GroupBook:
         pos += 4 * norphans
     except struct.error as exc:
         raise CheckpointError(f"snapshot body truncated: {exc}") from None
-    if pos != len(body) or any(r >= n for r in holders) or any(r >= n for r in priority):
+    if pos != len(body):
         raise CheckpointError("snapshot body inconsistent")
-    # What no replica can be in: a held or out-of-sync region clean, a recovery or search
-    # position outside the log (the range check RegionLog owns), a disk chunk past its end.
-    recoverer_id = recoverer if recoverer != 0xFFFFFFFF else -1
-    scalars = Scalars(search, recovering, recoverer_id, *[False] * 5)
-    if (
-        any(clean[r] for r in holders)
-        or (clean[:n] & ~sync[:n]).any()
-        or scalars_problem(n, scalars) is not None
-        or any(c > (n - 1) >> CHUNK_SHIFT for c in dirty)
-    ):
-        raise CheckpointError("snapshot state inconsistent")
-    rl.clean[:n] = clean[:n]
-    rl.sync[:n] = sync[:n]
-    rl.sync_count = rl.sync.count(1, 0, n)
-    rl.holders = holders
-    rl.orphans = orphans
-    rl.priority = priority
-    rl.dirty_chunks = dirty
-    rl.sync_search = search
-    rl.recovering = recovering
-    rl.recoverer = recoverer_id
-    rl.disk_failed = bool(flags & _FLAG_DISK_FAILED)
-    rl.full_write = bool(flags & _FLAG_FULL_WRITE)
-    rl.in_sync_override = bool(flags & _FLAG_OVERRIDE)
-    rl.scalars_changed = True
+    snapshot = Snapshot(
+        clean=clean,
+        sync=sync,
+        holders=holders,
+        orphans=orphans,
+        priority=priority,
+        dirty_chunks=dirty,
+        sync_search=search,
+        recovering=recovering,
+        recoverer=recoverer if recoverer != 0xFFFFFFFF else -1,
+        disk_failed=bool(flags & _FLAG_DISK_FAILED),
+        full_write=bool(flags & _FLAG_FULL_WRITE),
+        in_sync_override=bool(flags & _FLAG_OVERRIDE),
+    )
+    try:
+        rl.load(snapshot)  # the rules of what a replica can be in are RegionLog's
+    except SnapshotError as exc:
+        raise CheckpointError(str(exc)) from None
     return GroupBook(index, valid, joiners)  # type: ignore[arg-type]

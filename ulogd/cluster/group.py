@@ -359,7 +359,7 @@ class Group:
             self._cohort = set(joined)
             self._elders = set(members_t) - self._cohort
             self.index = 0
-            self.log.members = {n for n, _ in members_t}
+            self.log.set_members(n for n, _ in members_t)
             return self._maybe_master()
         self.index += 1
         return self._on_confchg(
@@ -380,7 +380,7 @@ class Group:
             self.members = members_t
             self._elders -= set(left)
             self._cohort &= set(members_t)
-            self.log.members = {n for n, _ in members_t}
+            self.log.set_members(n for n, _ in members_t)
             return self._maybe_master()
         return self._apply_confchg(members_t, left, joined, procdown)
 
@@ -405,7 +405,7 @@ class Group:
             actions += self._apply_confchg(members, left, (), procdown)
             self._hold_duty = False
         self.members = members
-        self.log.members = {n for n, _ in members}
+        self.log.set_members(n for n, _ in members)
         log.warning("partitions merged (%d member(s) came back): combining replicas", len(nodeup))
         self._merge = _Merge(change=frozenset(members), expect=set(members))
         self.sender = None
@@ -441,7 +441,7 @@ class Group:
         merge = self._merge
         assert merge is not None
         self.members = members
-        self.log.members = {n for n, _ in members}
+        self.log.set_members(n for n, _ in members)
         for gone in left:
             # Not waited for any more; a complete contribution still counts (its marks must be
             # merged so that replaying this departure makes its regions lose sync).
@@ -643,7 +643,7 @@ class Group:
         for member in joined:
             if member != self.me and member not in self.valid:
                 self.joiners[member] = self.index
-        rl.members = present_nodes
+        rl.set_members(present_nodes)
         if self.sender in left:
             self.sender = None  # its checkpoint will never complete: start another
         actions += self._server_moved(old_server)
@@ -823,7 +823,7 @@ class Group:
                 gone = rec.values[0]
                 if gone in rl.orphans and not self._node_has_member(gone):
                     lost = rl.node_departed(gone)
-                    rl.members = {n for n, _ in self.members}
+                    rl.set_members(n for n, _ in self.members)
                     log.warning(
                         "orphan node %d left the ring: %d region(s) lose sync and will be "
                         "recovered",
@@ -933,10 +933,10 @@ class Group:
         its next write), so this node's leftover marks are cleared on the way out: a member
         that leaves after them is not an orphan.  Without quorum the CLEAR stays held and the
         marks stay, as an orphan's, until the node rejoins or leaves the ring."""
-        leftover = [r for r, h in self.log.holders.items() if self.me[0] in h]
+        leftover = self.log.marks_of(self.me[0])
         if leftover and self.quorate:
             self.log.kernel_cleared(leftover)
-            self.outbox.append(m.OpRecord(m.Op.CLEAR, 0, tuple(sorted(leftover))))
+            self.outbox.append(m.OpRecord(m.Op.CLEAR, 0, tuple(leftover)))
         actions = self._send([]) if self.outbox and self.quorate else []
         self._leaving = request
         return actions + self._leave_if_drained()

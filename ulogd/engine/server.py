@@ -417,10 +417,8 @@ class Server:
                     actions = [self._reply(request, err, payload)]
         except OSError as exc:
             actions = self._failed(request, exc)
-        rl = entry.log
-        if rl.scalars_changed:
-            entry.state.save_scalars(rl.scalars())
-            rl.scalars_changed = False
+        if entry.log.scalars_changed:  # saved before the reply that depends on them
+            entry.state.save_scalars(entry.log.take_scalars())
         return actions
 
     def _failed(self, request: wire.Request, exc: OSError) -> list[Action]:
@@ -637,8 +635,7 @@ class Server:
                 entry.log.region_count,
             )
         self.logs[request.key] = entry
-        entry.state.save_scalars(entry.log.scalars())
-        entry.log.scalars_changed = False
+        entry.state.save_scalars(entry.log.take_scalars())
         log.info(
             "%s CTR luid=%#x %s: %d regions of %d sectors",
             tag(request.uuid),
@@ -782,7 +779,7 @@ class Server:
                     self.state_dir.set_aside(state.path, f"{tag(ident.uuid)} {exc}")
                 continue
             if config.log_device and device is None:
-                rl.disk_failed = True
+                rl.device_missing()
             key = (ident.uuid, ident.luid)
             entry = Entry(rl, state, device, key, rejoin=Rejoin.REPLACE)
             self.logs[key] = entry
@@ -844,14 +841,10 @@ class Server:
         rl = entry.log
         if entry.state is not getattr(self.logs.get(entry.key), "state", None):
             return []  # removed meanwhile
-        if error is None:
-            rl.sync_count, marks = result
-            rl.restore_own_marks(marks)
-        else:  # counted here instead: slower, never wrong
+        if error is not None:  # counted here instead: slower, never wrong
             log.error("%s counting the restored log failed (%s): counting it here",
                       tag(entry.key[0]), error)  # fmt: skip
-            rl.sync_count = rl.sync.count(1, 0, rl.region_count)
-            rl.restore_own_marks()
+        rl.counted(result if error is None else None)
         entry.preparing = False
         log.info("%s restored luid=%#x: %s", tag(entry.key[0]), entry.key[1], rl.describe())
         return self._drain(entry)
@@ -1000,8 +993,7 @@ class Server:
 
     def _save(self, entry: Entry) -> None:
         if entry.log.scalars_changed:
-            entry.state.save_scalars(entry.log.scalars())
-            entry.log.scalars_changed = False
+            entry.state.save_scalars(entry.log.take_scalars())
 
     # ------------------------------------------------------------------ cluster
     def group_confchg(
@@ -1046,9 +1038,7 @@ class Server:
                 extra=about(key),
             )
             entry.orphaned = entry.group
-            entry.orphaned.own_marks = sorted(
-                r for r, nodes in entry.log.holders.items() if self.local_node in nodes
-            )
+            entry.orphaned.own_marks = entry.log.marks_of(self.local_node)
         entry.group = None
 
     def rejoin(self, key: tuple[str, int]) -> list[Action]:

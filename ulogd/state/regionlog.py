@@ -52,12 +52,26 @@ node's kernel outlives its daemon, so:
   (:meth:`node_rejoined`: its own marks replace them; a node that comes back with a fresh
   kernel instead makes them lose sync), or when the node leaves the ring
   (:meth:`node_departed`: its regions lose sync and are recovered).
+
+Nothing else assigns a log's state
+----------------------------------
+Every change goes through a method here; the other layers only read fields:
+
+* a peer's checkpoint is loaded by :meth:`load`, which checks it first (no held or
+  out-of-sync region clean, positions inside the log, chunks before its end) and changes
+  nothing when it is refused; a state file's scalars by :meth:`restore_scalars` (the same
+  range check, :func:`scalars_problem`), its census by :meth:`counted`;
+* the group's membership is set by :meth:`set_members` only; what a node holds is
+  :meth:`marks_of` (its own node: :meth:`own_marks`, the kernel's view);
+* a log device that cannot be opened at a restart fails the log (:meth:`device_missing`);
+* scalars are handed to the owner to save by :meth:`take_scalars`, which marks them saved.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from bitarray import bitarray
@@ -142,6 +156,28 @@ def scalars_problem(region_count: int, s: Scalars) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A replica's shared state as a cluster checkpoint carries it (:meth:`RegionLog.load`)."""
+
+    clean: bitarray
+    sync: bitarray
+    holders: dict[int, set[int]]
+    orphans: set[int]
+    priority: list[int]
+    dirty_chunks: set[int]
+    sync_search: int
+    recovering: int
+    recoverer: int
+    disk_failed: bool
+    full_write: bool
+    in_sync_override: bool
+
+
+class SnapshotError(ValueError):
+    """A snapshot no replica of this log can be in."""
+
+
 class RegionLog:
     """The state machine of one log instance (see the module docstring)."""
 
@@ -206,6 +242,21 @@ class RegionLog:
             self.disk_loaded,
             self.disk_failed,
         )
+
+    def take_scalars(self) -> Scalars:
+        """The scalars to save now: the owner persists them, and they count as saved."""
+        self.scalars_changed = False
+        return self.scalars()
+
+    def counted(self, census: tuple[int, list[int]] | None) -> None:
+        """A restored log's census is in (``(sync_count, own marks)`` counted off the loop),
+        or None: count it here (slower, never wrong)."""
+        if census is None:
+            self.sync_count = self.sync.count(1, 0, self.region_count)
+            self.restore_own_marks()
+        else:
+            self.sync_count, marks = census
+            self.restore_own_marks(marks)
 
     def restore_scalars(self, s: Scalars) -> None:
         """Scalars saved by a previous daemon (checked with :func:`scalars_problem` first)."""
@@ -596,7 +647,50 @@ class RegionLog:
             self.orphans.add(node)
         return held
 
-    def set_members(self, nodes: Collection[int]) -> None:
+    def load(self, snap: Snapshot) -> None:
+        """Replace this replica's shared state with a peer's snapshot, after checking it:
+        no held or out-of-sync region clean, no recovery or search position outside the log,
+        no disk chunk past its end (raises :class:`SnapshotError`, leaving this replica as
+        it was)."""
+        n = self.region_count
+        clean, sync = snap.clean, snap.sync
+        if len(clean) < n or len(sync) < n:
+            raise SnapshotError("snapshot bitmaps shorter than the log")
+        if any(r >= n for r in snap.holders) or any(r >= n for r in snap.priority):
+            raise SnapshotError("snapshot body inconsistent: regions beyond the log")
+        scalars = Scalars(snap.sync_search, snap.recovering, snap.recoverer, *[False] * 5)
+        if (
+            any(clean[r] for r in snap.holders)
+            or (clean[:n] & ~sync[:n]).any()
+            or scalars_problem(n, scalars) is not None
+            or any(c > (n - 1) >> CHUNK_SHIFT for c in snap.dirty_chunks)
+        ):
+            raise SnapshotError("snapshot state inconsistent")
+        self.clean[:n] = clean[:n]
+        self.sync[:n] = sync[:n]
+        self.sync_count = self.sync.count(1, 0, n)
+        self.holders = snap.holders
+        self.orphans = snap.orphans
+        self.priority = snap.priority
+        self.dirty_chunks = snap.dirty_chunks
+        self.sync_search = snap.sync_search
+        self.recovering = snap.recovering
+        self.recoverer = snap.recoverer
+        self.disk_failed = snap.disk_failed
+        self.full_write = snap.full_write
+        self.in_sync_override = snap.in_sync_override
+        self.scalars_changed = True
+
+    def device_missing(self) -> None:
+        """The log's device could not be opened at a restart: the log is failed (health D)
+        until the device is back at a resume."""
+        self.disk_failed = True
+
+    def marks_of(self, node: int) -> list[int]:
+        """The regions ``node`` holds a mark on, in order (what it may be writing)."""
+        return sorted(r for r, nodes in self.holders.items() if node in nodes)
+
+    def set_members(self, nodes: Iterable[int]) -> None:
         """The nodes with a member in the group now (an orphan that is a member again is one
         no more only through :meth:`node_rejoined`)."""
         self.members = set(nodes)
