@@ -1,7 +1,7 @@
 """Join (checkpoint) time of a 16 M-region clustered-core log on 3 real corosync nodes.
 
 Run as root: ``.venv/bin/python bench/cluster_join.py [--quick] [--regions N]``.  Starts three
-corosync nodes in network namespaces and a ulogd per node (:mod:`ulogd.testing.cluster`), then
+corosync nodes in network namespaces and a ulogd per node (:mod:`tests.harness.cluster`), then
 for each state of the log:
 
 * ``in sync``: ``nosync`` log with a few thousand marks held (bitmaps are runs: compress well);
@@ -33,13 +33,13 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 from bitarray import bitarray  # noqa: E402
 
+from tests.harness import corosync  # noqa: E402
+from tests.harness.cluster import UlogdCluster, wait_until  # noqa: E402
 from ulogd.cluster import checkpoint as ck  # noqa: E402
 from ulogd.cluster.group import CHUNK_SIZE  # noqa: E402
 from ulogd.protocol import ctr  # noqa: E402
 from ulogd.protocol.spec import RequestType as T  # noqa: E402
 from ulogd.state.regionlog import RegionLog, new_bitmaps  # noqa: E402
-from ulogd.testing import corosync  # noqa: E402
-from ulogd.testing.cluster import UlogdCluster, wait_until  # noqa: E402
 from ulogd.testing.driver import LogDriver  # noqa: E402
 
 REGION_SIZE = 1024

@@ -1,8 +1,8 @@
 """MARK+FLUSH latency and throughput of a clustered-core log on 1 and 3 real corosync nodes.
 
 Run as root: ``.venv/bin/python bench/cluster_latency.py [--quick]``.  For each cluster (one
-corosync on loopback, then three nodes in network namespaces; :mod:`ulogd.testing.corosync`)
-it starts a ulogd per node in cluster mode (:mod:`ulogd.testing.cluster`), creates the same
+corosync on loopback, then three nodes in network namespaces; :mod:`tests.harness.corosync`)
+it starts a ulogd per node in cluster mode (:mod:`tests.harness.cluster`), creates the same
 ``clustered-core`` log on every node, and a scripted CPG member (``python -m cpg.member``) per
 node joined to a group of its own, so that in one run, on the same cluster, alternating
 rounds measure (one request in flight, from node 1, microseconds):
@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
 
-from ulogd.testing import corosync  # noqa: E402
-from ulogd.testing.cluster import UlogdCluster  # noqa: E402
-from ulogd.testing.corosync import MemberClient, member  # noqa: E402
+from tests.harness import corosync  # noqa: E402
+from tests.harness.cluster import UlogdCluster  # noqa: E402
+from tests.harness.corosync import MemberClient, member  # noqa: E402
 from ulogd.testing.driver import LogDriver  # noqa: E402
 
 UUID = "LVM-bench-cluster-latency"

@@ -2,7 +2,7 @@
 
 Run as root: ``.venv/bin/python bench/cpg_latency.py [--quick]``.  Installs corosync when
 missing, starts a loopback node and then three nodes in network namespaces
-(:mod:`ulogd.testing.corosync`), drives one ``python -m cpg.member`` process per node and
+(:mod:`tests.harness.corosync`), drives one ``python -m cpg.member`` process per node and
 measures:
 
 * ping: one message in flight, send -> own agreed delivery, in microseconds (p50 / p99);
@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
 
-from ulogd.testing import corosync  # noqa: E402
-from ulogd.testing.corosync import MemberClient, member  # noqa: E402
+from tests.harness import corosync  # noqa: E402
+from tests.harness.corosync import MemberClient, member  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:

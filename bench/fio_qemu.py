@@ -1,6 +1,6 @@
 """Real kernel, one QEMU boot: fio 4 KiB random writes on dm-mirror with each dirty log.
 
-Run (root; builds or reuses the QEMU artefacts of ``ulogd.testing.qemu``):
+Run (root; builds or reuses the QEMU artefacts of ``tests.harness.qemu``):
 ``.venv/bin/python bench/fio_qemu.py [--rounds 3] [--runtime 10] [--depths 1 16]``.
 
 Boots Debian's kernel under QEMU (TCG) once and runs ``bench/guest/fio_guest.py`` in it: on
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd.testing.qemu import run_in_guest
+from tests.harness.qemu import run_in_guest
 
 TARGETS = {1: 0.35, 16: 0.5}
 DEVICES = ("linear", "core", "ulogd", "ulogd-if", "naive")

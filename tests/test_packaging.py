@@ -375,7 +375,7 @@ def test_debian_package_builds(tmp_path: Path) -> None:
         "./usr/share/doc/dm-ulogd/copyright",
         "./usr/share/doc/dm-ulogd/migrating-from-cmirrord.rst",
         "./usr/share/doc/dm-ulogd/examples/prometheus-alerts.yml",
-        "/dist-packages/ulogd/control.py",
+        "/dist-packages/ulogd/ops/control.py",
         "/dist-packages/cpg/handle.py",
     ):
         assert path in listing, path
@@ -416,7 +416,7 @@ def test_rpm_package_builds(tmp_path: Path) -> None:
         "/usr/share/man/man8/dm-ulogd.8",
         "/usr/share/bash-completion/completions/dm-ulogd",
         "/LICENSE",
-        "/site-packages/ulogd/control.py",
+        "/site-packages/ulogd/ops/control.py",
     ):
         assert path in files, path
     for path in (*FOREIGN, "/ulogd/testing/"):

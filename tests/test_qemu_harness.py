@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ulogd.testing import qemu
+from tests.harness import qemu
 
 
 def test_run_dirs_stay_in_the_cache_inside_the_checkout(tmp_path: Path) -> None:

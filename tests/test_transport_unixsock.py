@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.cluster import KernelLink
 from ulogd.edges.transport.unixsock import UnixClient, UnixServerTransport
-from ulogd.testing.cluster import KernelLink
 
 
 @pytest.fixture

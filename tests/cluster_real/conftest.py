@@ -1,7 +1,7 @@
 """Fixtures for the real-corosync cluster tier (``--corosync``).
 
 ``ulogd_three``: a fresh three-node corosync cluster in network namespaces with an (unstarted)
-ulogd per node (:class:`ulogd.testing.cluster.UlogdCluster`; call ``.start()``);
+ulogd per node (:class:`tests.harness.cluster.UlogdCluster`; call ``.start()``);
 ``ulogd_single``: one corosync on loopback in the test's own namespace and one ulogd slot.
 Everything is torn down after each test, also when it fails; a failed test's report gets every
 daemon's log (and the tail of each corosync log) as an extra section.
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ulogd.testing import corosync
-from ulogd.testing.cluster import UlogdCluster
+from tests.harness import corosync
+from tests.harness.cluster import UlogdCluster
 
 _LOG_KEY = pytest.StashKey[UlogdCluster]()
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from tests.harness.cluster import UlogdCluster, wait_until
 from ulogd.protocol.spec import RequestType as T
-from ulogd.testing.cluster import UlogdCluster, wait_until
 from ulogd.testing.driver import LogDriver
 
 pytestmark = pytest.mark.corosync

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 
 import pytest
 
+from tests.harness.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
+from tests.harness.corosync import TOKEN_MS
 from ulogd.protocol.spec import RequestType as T
-from ulogd.testing.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
-from ulogd.testing.corosync import TOKEN_MS
 from ulogd.testing.driver import LogDriver
 
 pytestmark = pytest.mark.corosync
@@ -261,7 +261,7 @@ def test_ulogd_killed_under_write_load_from_all_nodes_loses_no_mark(
     """All three nodes write overlapping regions; node 3's daemon is killed mid-stream and
     started again 3 s later while every kernel writes on.
 
-    Each node's kernel is a :class:`~ulogd.testing.cluster.MirrorKernel`: node 3's request in
+    Each node's kernel is a :class:`~tests.harness.cluster.MirrorKernel`: node 3's request in
     flight at the kill is sent again only when the kernel's 15 s timeout fires, a send that
     finds no daemon runs the kernel's reconnect loop (CTR every 2 s, then RESUME) — nothing is
     re-sent that was answered, no MARK either.  A region a kernel got FLUSH = 0 for, and has not

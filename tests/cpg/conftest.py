@@ -1,8 +1,8 @@
-"""Fixtures for the CPG tier: thin wrappers around :mod:`ulogd.testing.corosync`.
+"""Fixtures for the CPG tier: thin wrappers around :mod:`tests.harness.corosync`.
 
 ``corosync_single``: one corosync on loopback in the test's own network namespace (open
 ``cpg.Handle`` s in-process).  ``corosync_three``: three nodes in private network namespaces
-(drive clients with ``ulogd.testing.corosync.member``).  Both are fresh per test and always torn
+(drive clients with ``tests.harness.corosync.member``).  Both are fresh per test and always torn
 down, also when the test fails.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ulogd.testing import corosync
+from tests.harness import corosync
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from ulogd.testing import corosync
+from tests.harness import corosync
 
 pytestmark = pytest.mark.corosync
 

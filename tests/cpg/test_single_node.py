@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 import cpg
-from ulogd.testing.corosync import SingleNode
+from tests.harness.corosync import SingleNode
 
 pytestmark = pytest.mark.corosync
 

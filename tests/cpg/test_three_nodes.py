@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ulogd.testing.corosync import MemberClient, MultiNode, member
+from tests.harness.corosync import MemberClient, MultiNode, member
 
 pytestmark = pytest.mark.corosync
 

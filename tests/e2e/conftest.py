@@ -7,7 +7,7 @@ Running the tier alone::
 Needs root and the Debian archive (apt): the first run installs qemu-system-x86, debootstrap,
 busybox-static and kmod on the host when missing, downloads the kernel package and builds the
 guest image under ``.cache/qemu/`` (2-3 minutes); later runs reuse it and only boot.  Prepare
-the cache ahead of time with ``.venv/bin/python -m ulogd.testing.qemu prepare``.  The guest
+the cache ahead of time with ``.venv/bin/python -m tests.harness.qemu prepare``.  The guest
 runs under TCG emulation, so the whole tier takes several minutes (two boots, each running a
 group of scenarios with one shared ulogd).
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import pytest
 
-from ulogd.testing import qemu
-from ulogd.testing.guest.dmlib import Message, read_messages
+from tests.harness import qemu
+from tests.harness.guest.dmlib import Message, read_messages
 
 #: Scenarios run per boot, in order.  Each boot shares one ulogd; "shutdown" stops it.
 GROUPS: dict[str, tuple[str, ...]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LEG_SIZE = 64 << 20  # as in ulogd/testing/guest/pair.py
+LEG_SIZE = 64 << 20  # as in tests/harness/guest/pair.py
 BLOCK = 4096
 
 def differing_blocks(a: Path, b: Path, start: int, end: int) -> list[int]:

@@ -1,6 +1,6 @@
 """Real kernel: capture a mirror's traffic with ``dm-ulogd run --capture`` and replay it offline.
 
-Boots Debian's kernel in QEMU (:mod:`ulogd.testing.qemu`), runs two scenarios of
+Boots Debian's kernel in QEMU (:mod:`tests.harness.qemu`), runs two scenarios of
 ``captures/scenarios.sh`` in the guest -- a clustered-core mirror's whole life cycle, and a
 daemon killed with SIGKILL and restarted while a write waits -- and replays the captures on the
 host with ``dm-ulogd replay``: every recorded answer must be reproduced, none unverifiable.
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.qemu import GuestRun, run_in_guest
 from ulogd.edges.capture import Direction, read_capture
 from ulogd.ops import replay
 from ulogd.protocol import wire
-from ulogd.testing.qemu import GuestRun, run_in_guest
 
 pytestmark = pytest.mark.e2e
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.testing import qemu
+from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
 
 PROBE = r"""
 import json, sys
-from ulogd.testing import qemu
+from tests.harness import qemu
 art = qemu.prepare()
 run = qemu.run_in_guest(
     'python3 -c "import ulogd; print(ulogd.__file__)" > where.txt', name="tmp-checkout",

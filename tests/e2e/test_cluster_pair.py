@@ -1,7 +1,7 @@
 """Two real kernels, one shared mirror, one cluster: kill -9 of a node with writes in flight.
 
 Two QEMU guests share two mirrors' legs and a disk log (raw images attached to both) and a
-private link; each runs corosync and ulogd ``--cluster corosync`` (``ulogd/testing/guest/pair.py``
+private link; each runs corosync and ulogd ``--cluster corosync`` (``tests/harness/guest/pair.py``
 says what each guest does): one mirror with a ``clustered-core`` log, one with a
 ``clustered-disk`` log.  Node 1, each log group's first member and the disk log's server,
 writes the upper half of each mirror at queue depth 16 while QEMU throttles its writes to the
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks
-from ulogd.testing import qemu
+from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
 

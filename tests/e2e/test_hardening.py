@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ulogd.testing import qemu
+from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,7 @@
 """Two real kernels, one cluster: kill -9 of a *daemon* whose node and kernel write on.
 
 A dead daemon is not a dead node.  Two QEMU guests share the legs of a ``clustered-core`` and
-a ``clustered-disk`` mirror (``ulogd/testing/guest/restart_pair.py`` says what each guest
+a ``clustered-disk`` mirror (``tests/harness/guest/restart_pair.py`` says what each guest
 does).  Node 1 — each group's first member and the disk log's server — has each mirror's
 primary leg behind a 2 s ``dm-delay`` for writes; with 32 writes in flight it kills its own ulogd
 (``kill -9``) and starts it again 3 s later, both nodes writing on disjoint blocks of every
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks
-from ulogd.testing import qemu
+from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,7 @@
 """The shipped unit under real systemd (QEMU): the guest boots with systemd as PID 1 and udev
 running (the image's "systemd" flavour), installs ulogd, its unit, tmpfiles.d and
 modules-load.d files the way the package does, and drives the daemon with ``systemctl`` only
-(guest side: ``ulogd/testing/guest/systemd_unit.py``).  Every check the guest recorded must
+(guest side: ``tests/harness/guest/systemd_unit.py``).  Every check the guest recorded must
 pass; the timings it measured are printed.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ulogd.testing import qemu
+from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
 

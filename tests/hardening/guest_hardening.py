@@ -1,7 +1,7 @@
 """Hardening scenarios run inside the QEMU guest (``tests/e2e/test_hardening.py`` boots them):
 ``python3 guest_hardening.py [--budget S] [--kills N] NAME...``.
 
-Built on the e2e scenario library (``ulogd/testing/guest``): real dm-mirror devices over loop
+Built on the e2e scenario library (``tests/harness/guest``): real dm-mirror devices over loop
 devices, their log served by one shared ulogd, O_DIRECT writers with known data, named checks
 recorded in ``$ULOGD_RUN/result.json``.
 

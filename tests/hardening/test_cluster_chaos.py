@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.harness.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
+from tests.harness.corosync import TOKEN_MS
 from ulogd.protocol.spec import RequestType as T
-from ulogd.testing.cluster import ClusterTestError, UlogdCluster, regions_view, wait_until
-from ulogd.testing.corosync import TOKEN_MS
 
 pytestmark = pytest.mark.corosync
 

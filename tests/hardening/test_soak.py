@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.cluster import KernelLink, wait_until
 from ulogd.ops import control
 from ulogd.protocol.spec import RequestType as T
-from ulogd.testing.cluster import KernelLink, wait_until
 from ulogd.testing.driver import LogDriver
 
 pytestmark = pytest.mark.slow

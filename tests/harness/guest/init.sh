@@ -17,7 +17,7 @@ for word in $(cat /proc/cmdline); do
     esac
 done
 export ULOGD_SRC ULOGD_RUN
-export ULOGD_GUEST="$ULOGD_SRC/ulogd/testing/guest"
+export ULOGD_GUEST="$ULOGD_SRC/tests/harness/guest"
 export PYTHONPATH="$ULOGD_SRC:/opt/ulogd-pydeps"
 export PYTHONUNBUFFERED=1
 

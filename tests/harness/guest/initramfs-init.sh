@@ -45,4 +45,4 @@ mkdir -p "/newroot$work"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose ulogdwork "/newroot$work" || fail "cannot mount the checkout"
 mount --move /dev /newroot/dev
 umount /proc /sys
-exec switch_root /newroot /bin/sh "$work/ulogd/testing/guest/init.sh"
+exec switch_root /newroot /bin/sh "$work/tests/harness/guest/init.sh"

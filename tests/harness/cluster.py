@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 :class:`UlogdCluster` runs one ``python -m ulogd run -f`` per node of a
-:class:`~ulogd.testing.corosync.Cluster` (:class:`~ulogd.testing.corosync.MultiNode` nodes run
-inside their network namespace, :class:`~ulogd.testing.corosync.SingleNode` in the current one).
+:class:`~tests.harness.corosync.Cluster` (:class:`~tests.harness.corosync.MultiNode` nodes run
+inside their network namespace, :class:`~tests.harness.corosync.SingleNode` in the current one).
 Every daemon gets its own directory ``<base>/uN`` holding:
 
 * ``run/`` — its ``--run-dir`` (state files, pid file, the control socket for ``status``);
@@ -50,10 +50,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.harness.corosync import Cluster
 from ulogd.ops import control
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as RT
-from ulogd.testing.corosync import Cluster
 from ulogd.testing.driver import LogDriver
 
 T = TypeVar("T")

@@ -884,10 +884,10 @@ def interactive(command: str | None = None, *, smp: int = 2, memory_mb: int = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ulogd.testing.qemu prepare`` builds the artefacts and prints timings."""
+    """``python -m tests.harness.qemu prepare`` builds the artefacts and prints timings."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ulogd.testing.qemu")
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.qemu")
     parser.add_argument("action", choices=["prepare", "shell"])
     parser.add_argument("command", nargs="?")
     parser.add_argument("--flavour", choices=sorted(FLAVOURS), default="init")

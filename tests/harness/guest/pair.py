@@ -136,7 +136,7 @@ def link_up(node: int) -> str:
 
 
 def corosync_config() -> str:
-    from ulogd.testing.corosync import corosync_conf
+    from tests.harness.corosync import corosync_conf
 
     (COROSYNC_DIR / "lib").mkdir(parents=True, exist_ok=True)
     addrs = [f"{NET}.{n}" for n in NODES]

@@ -1,0 +1,1 @@
+"""The test harness: QEMU guests, corosync clusters, guest scripts (never packaged)."""
