@@ -33,7 +33,8 @@ from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
 from ulogd.edges import capture
-from ulogd.engine.server import DiskRead, DiskWrite, Send, Server
+from ulogd.engine.runner import SyncRunner
+from ulogd.engine.server import Action, DiskRead, DiskWrite, Server
 from ulogd.ops import config
 from ulogd.protocol import ctr, wire
 from ulogd.protocol import spec as p
@@ -539,30 +540,30 @@ class _Devices:
         return dev
 
 
+class _FaultyRunner(SyncRunner):
+    """The one synchronous runner, with injected read/write faults; a server without
+    cluster mode produces nothing else."""
+
+    def __init__(self, server: Server, faults: dict[str, bool]) -> None:
+        super().__init__(server)
+        self.faults = faults
+
+    def read(self, action: DiskRead) -> bytes:
+        if self.faults.get("read"):
+            raise disklog.DiskIOError(errno.EIO, "injected")
+        return super().read(action)
+
+    def write(self, action: DiskWrite) -> None:
+        if self.faults.get("write"):
+            raise disklog.DiskIOError(errno.EIO, "injected")
+        super().write(action)
+
+    def other(self, action: Action) -> None:
+        raise AssertionError(f"unexpected action {action!r} from a non-cluster server")
+
+
 def _run(server: Server, datagram: bytes, faults: dict[str, bool], port: int = 0) -> list[bytes]:
-    actions = server.receive(datagram, port)
-    replies: list[bytes] = []
-    while actions:
-        action = actions.pop(0)
-        if isinstance(action, Send):
-            replies.append(action.data)
-        elif isinstance(action, DiskRead | DiskWrite):
-            result, error = None, None
-            try:
-                if isinstance(action, DiskRead):
-                    if faults.get("read"):
-                        raise disklog.DiskIOError(errno.EIO, "injected")
-                    result = action.device.read(action.nbytes)
-                else:
-                    if faults.get("write"):
-                        raise disklog.DiskIOError(errno.EIO, "injected")
-                    action.device.write_extents(action.extents)
-            except OSError as exc:
-                error = exc
-            actions += server.disk_done(action.token, result, error)
-        else:
-            raise AssertionError(f"unexpected action {action!r} from a non-cluster server")
-    return replies
+    return _FaultyRunner(server, faults).run(server.receive(datagram, port))
 
 
 def _answerable(dg: bytes, port: int) -> bool:

@@ -34,7 +34,6 @@ bounds every wait.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import os
@@ -45,12 +44,11 @@ import struct
 import subprocess
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.harness.corosync import Cluster
+from tests.harness.corosync import REAPER, Cluster
 from ulogd.ops import control
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as RT
@@ -304,14 +302,6 @@ class Daemon:
         self.links.clear()
 
 
-_live: weakref.WeakSet[UlogdCluster] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for c in list(_live):
-        with contextlib.suppress(Exception):
-            c.close()
 
 
 class UlogdCluster:
@@ -333,7 +323,7 @@ class UlogdCluster:
         self._own_base = base is None
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="ulogd-cluster-"))
         self.daemons = {n: Daemon(self, n) for n in range(1, corosync.size + 1)}
-        _live.add(self)
+        REAPER.watch(self, "close")
 
     def __enter__(self) -> UlogdCluster:
         return self
@@ -371,7 +361,7 @@ class UlogdCluster:
         for d in self.daemons.values():
             with contextlib.suppress(Exception):
                 d.close()
-        _live.discard(self)
+        REAPER.forget(self)
         if self._own_base and os.environ.get("ULOGD_KEEP_CLUSTER_DIR") != "1":
             shutil.rmtree(self.base, ignore_errors=True)
 

@@ -267,14 +267,32 @@ class Node:
         return self.proc.pid if self.running and self.proc is not None else None
 
 
-_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
+class Reaper:
+    """The one ``atexit`` hook of the harness: every object that owns processes (a corosync
+    :class:`Cluster`, a :class:`tests.harness.cluster.UlogdCluster`) is stopped at exit if
+    it is still running, newest first (the daemons before the corosync they run on)."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[weakref.ref[Any], str]] = {}
+        atexit.register(self._reap)
+
+    def watch(self, thing: Any, stop: str) -> None:
+        """Call ``thing.<stop>()`` at exit unless :meth:`forget` is called first."""
+        key = id(thing)
+        self._live[key] = (weakref.ref(thing, lambda _ref: self._live.pop(key, None)), stop)
+
+    def forget(self, thing: Any) -> None:
+        self._live.pop(id(thing), None)
+
+    def _reap(self) -> None:
+        for ref, stop in reversed(list(self._live.values())):
+            thing = ref()
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    getattr(thing, stop)()
 
 
-@atexit.register
-def _stop_all() -> None:
-    for cluster in list(_clusters):
-        with contextlib.suppress(Exception):
-            cluster.stop()
+REAPER = Reaper()
 
 
 class Cluster:
@@ -330,7 +348,7 @@ class Cluster:
             raise CorosyncError("cluster already started")
         ensure_installed(dev=False)
         begin = time.monotonic()
-        _clusters.add(self)
+        REAPER.watch(self, "stop")
         self.started = True
         try:
             self._setup_network()
@@ -408,7 +426,7 @@ class Cluster:
         if self._own_base and os.environ.get("ULOGD_KEEP_COROSYNC_DIR") != "1":
             shutil.rmtree(self.base, ignore_errors=True)
         self.started = False
-        _clusters.discard(self)
+        REAPER.forget(self)
         self.stop_seconds = time.monotonic() - begin
 
     # -- readiness ---------------------------------------------------------------------------

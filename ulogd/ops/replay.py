@@ -99,7 +99,8 @@ from pathlib import Path
 from typing import Any
 
 from ulogd.edges.capture import CaptureFormatError, Direction, Packet, read_capture
-from ulogd.engine.server import Action, DiskRead, DiskWrite, Send, Server
+from ulogd.engine.runner import SyncRunner
+from ulogd.engine.server import Action, DiskRead, DiskWrite, Server
 from ulogd.protocol import ctr, wire
 from ulogd.protocol import spec as p
 from ulogd.protocol.spec import RequestType as T
@@ -498,6 +499,34 @@ class _Image:
             self.store.data.extend(bytes(nbytes - len(self.store.data)))
 
 
+class _ReplayRunner(SyncRunner):
+    """The one synchronous runner, keeping the images' bookkeeping: a read of an image whose
+    content is unknown taints the log's answers; a write leaves it unknown while the log is
+    tainted.  Cluster actions are never produced by a server with cluster=False: counted."""
+
+    def __init__(self, replayer: _Replayer, key: tuple[str, int] | None) -> None:
+        super().__init__(replayer.server)
+        self.replayer = replayer
+        self.key = key
+
+    def read(self, action: DiskRead) -> bytes:
+        device, key, rp = action.device, self.key, self.replayer
+        if isinstance(device, _ReplayDevice) and device.image.unknown and rp._reads_disk_state(key):
+            device.image.read_while_unknown = True
+            assert key is not None
+            rp.taint.setdefault(key, DISK_CONTENT)
+        return device.read(action.nbytes)
+
+    def write(self, action: DiskWrite) -> None:
+        device = action.device
+        device.write_extents(action.extents)
+        if isinstance(device, _ReplayDevice):
+            device.image.unknown = self.key is None or self.key in self.replayer.taint
+
+    def other(self, action: Action) -> None:
+        self.replayer.report.skipped[f"{type(action).__name__} actions"] += 1
+
+
 class _ReplayDevice:
     """An open of an :class:`_Image` (what ``Server.open_device`` returns)."""
 
@@ -763,39 +792,7 @@ class _Replayer:
 
     def _perform(self, actions: list[Action], key: tuple[str, int] | None) -> list[bytes]:
         """Run the server's actions to completion, disk I/O included; return the replies."""
-        sent: list[bytes] = []
-        queue = deque(actions)
-        while queue:
-            action = queue.popleft()
-            if isinstance(action, Send):
-                sent.append(action.data)
-                continue
-            if not isinstance(action, DiskRead | DiskWrite):
-                # cluster actions: never produced by a server with cluster=False
-                self.report.skipped[f"{type(action).__name__} actions"] += 1
-                continue
-            device = action.device
-            data: bytes | None = None
-            error: OSError | None = None
-            try:
-                if isinstance(action, DiskRead):
-                    if (
-                        isinstance(device, _ReplayDevice)
-                        and device.image.unknown
-                        and self._reads_disk_state(key)
-                    ):
-                        device.image.read_while_unknown = True
-                        assert key is not None
-                        self.taint.setdefault(key, DISK_CONTENT)
-                    data = device.read(action.nbytes)
-                else:
-                    device.write_extents(action.extents)
-                    if isinstance(device, _ReplayDevice):
-                        device.image.unknown = key is None or key in self.taint
-            except OSError as exc:
-                error = exc
-            queue.extend(self.server.disk_done(action.token, data, error))
-        return sent
+        return _ReplayRunner(self, key).run(actions)
 
     def _reads_disk_state(self, key: tuple[str, int] | None) -> bool:
         """Whether the log's state will come from the image read (not with sync/nosync)."""

@@ -14,7 +14,8 @@ import struct
 from collections.abc import Iterable
 from typing import Protocol
 
-from ulogd.engine.server import DiskRead, DiskWrite, Prepare, Send, Server
+from ulogd.engine.runner import SyncRunner
+from ulogd.engine.server import Server
 from ulogd.protocol import wire
 from ulogd.protocol.spec import PAIR, REGION_SYNC, S64, U64
 from ulogd.protocol.spec import RequestType as T
@@ -31,6 +32,7 @@ class InProcess:
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.runner = SyncRunner(server)
 
     def request(self, datagram: bytes) -> bytes:
         replies = self.exchange(datagram)
@@ -39,30 +41,7 @@ class InProcess:
         return replies[0]
 
     def exchange(self, datagram: bytes) -> list[bytes]:
-        actions = self.server.receive(datagram)
-        replies: list[bytes] = []
-        while actions:
-            action = actions.pop(0)
-            if isinstance(action, Send):
-                replies.append(action.data)
-            elif isinstance(action, DiskRead | DiskWrite):
-                data, error = None, None
-                try:
-                    if isinstance(action, DiskRead):
-                        data = action.device.read(action.nbytes)
-                    else:
-                        action.device.write_extents(action.extents)
-                except OSError as exc:
-                    error = exc
-                actions += self.server.disk_done(action.token, data, error)
-            elif isinstance(action, Prepare):
-                result, failure = None, None
-                try:
-                    result = action.job()
-                except Exception as exc:
-                    failure = exc
-                actions += self.server.prepared(action.token, result, failure)
-        return replies
+        return self.runner.run(self.server.receive(datagram))
 
 
 class LogDriver:
