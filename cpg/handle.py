@@ -41,7 +41,7 @@ from typing import Any
 
 from ._connection import Connection
 from ._ffi import LIBCPG, ffi, load
-from .errors import CONNECTION_LOST, CpgError, CsError, MessageTooLarge, check
+from .errors import CONNECTION_LOST, CpgError, MessageTooLarge, check
 from .events import ConfChg, Lost, Member, Message, Reason, TotemConfChg
 from .outbound import OutboundQueue, Parts
 
@@ -50,7 +50,6 @@ CPG_TYPE_AGREED = 2
 CPG_MAX_NAME_LENGTH = 128
 CPG_MEMBERS_MAX = 128
 CPG_MODEL_V1_DELIVER_INITIAL_TOTEM_CONF = 1
-CS_DISPATCH_ALL = 2
 
 DeliverCallback = Callable[[Message], object]
 ConfChgCallback = Callable[[ConfChg], object]
@@ -121,6 +120,9 @@ class Handle(Connection):
     ``Handle(on_deliver=..., on_confchg=...)`` connects at once (pass ``open=False`` to connect
     later with :meth:`open`).  Use it as a context manager or call :meth:`close`.
     """
+
+    _service = "cpg"
+    _error = CpgError
 
     def __init__(
         self,
@@ -200,54 +202,14 @@ class Handle(Connection):
         self.group = None
         self._lib.cpg_finalize(h)
 
-    def __enter__(self) -> Handle:
-        return self
-
-    def _handle(self) -> int:
-        if self._h is None:
-            raise CpgError(CsError.CS_ERR_BAD_HANDLE, "cpg", "handle is closed")
-        return self._h
-
-    def _lose(self, op: str, code: int) -> None:
-        unsent, fd = len(self._outbound), self._fd
-        self.close()
-        try:
-            code_value: CsError | int = CsError(code)
-        except ValueError:
-            code_value = code
-        self.lost = Lost(op, code_value, unsent, fd)
-        if self.on_lost is not None:
-            self.on_lost(self.lost)
+    def _unsent(self) -> int:
+        return len(self._outbound)
 
     # -- event loop hooks -------------------------------------------------------------------
 
-    def fileno(self) -> int:
-        """The fd to poll for readability (HUP means: dispatch now, corosync is gone)."""
-        self._handle()
-        return self._fd
-
-    def dispatch(self) -> bool:
-        """Run all pending callbacks, then flush the outbound queue.
-
-        Returns False when the connection is (now) lost: ``on_lost`` has been called and the fd
-        must be unregistered.  Exceptions raised by callbacks are re-raised here.
-        """
-        if self._h is None:
-            return False
-        rc = self._lib.cpg_dispatch(self._h, CS_DISPATCH_ALL)
-        error, self._cb_error = self._cb_error, None
-        if rc in CONNECTION_LOST:
-            self._lose("cpg_dispatch", rc)
-            if error is not None:
-                raise error
-            return False
-        if rc not in (CsError.CS_OK, CsError.CS_ERR_TRY_AGAIN):
-            raise CpgError(rc, "cpg_dispatch")
-        if error is not None:
-            raise error
+    def _dispatched(self) -> None:
         if self._outbound and self._h is not None:
             self.flush_outbound()
-        return self._h is not None
 
     def _call(self, callback: Callable[[Any], object], event: object) -> None:
         try:

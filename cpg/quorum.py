@@ -24,10 +24,9 @@ from typing import Any
 
 from ._connection import Connection
 from ._ffi import LIBQUORUM, ffi, load
-from .errors import CONNECTION_LOST, CsError, QuorumError, check
+from .errors import CONNECTION_LOST, QuorumError, check
 from .events import Lost, QuorumChange
 
-CS_DISPATCH_ALL = 2
 CS_TRACK_CHANGES = 0x02
 QUORUM_SET = 1
 
@@ -58,6 +57,9 @@ class Quorum(Connection):
 
     ``Quorum(on_change=...)`` connects, reads the current verdict and starts tracking changes.
     """
+
+    _service = "quorum"
+    _error = QuorumError
 
     def __init__(
         self,
@@ -116,29 +118,6 @@ class Quorum(Connection):
         self._fd = -1
         self._lib.quorum_finalize(h)
 
-    def __enter__(self) -> Quorum:
-        return self
-
-    def _handle(self) -> int:
-        if self._h is None:
-            raise QuorumError(CsError.CS_ERR_BAD_HANDLE, "quorum", "handle is closed")
-        return self._h
-
-    def _lose(self, op: str, code: int) -> None:
-        fd = self._fd
-        self.close()
-        try:
-            value: CsError | int = CsError(code)
-        except ValueError:
-            value = code
-        self.lost = Lost(op, value, 0, fd)
-        if self.on_lost is not None:
-            self.on_lost(self.lost)
-
-    def fileno(self) -> int:
-        self._handle()
-        return self._fd
-
     def is_quorate(self) -> bool:
         """Ask corosync now (a synchronous IPC round trip) and remember the answer."""
         quorate = ffi.new("int *")
@@ -148,17 +127,3 @@ class Quorum(Connection):
         check(rc, "quorum_getquorate", QuorumError)
         self.quorate = bool(quorate[0])
         return self.quorate
-
-    def dispatch(self) -> bool:
-        """Run pending notifications; False when the connection is (now) lost."""
-        if self._h is None:
-            return False
-        rc = self._lib.quorum_dispatch(self._h, CS_DISPATCH_ALL)
-        error, self._cb_error = self._cb_error, None
-        if rc in CONNECTION_LOST:
-            self._lose("quorum_dispatch", rc)
-        elif rc not in (CsError.CS_OK, CsError.CS_ERR_TRY_AGAIN):
-            raise QuorumError(rc, "quorum_dispatch")
-        if error is not None:
-            raise error
-        return self._h is not None
