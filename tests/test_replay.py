@@ -14,7 +14,7 @@ import pytest
 
 from ulogd.edges.capture import CaptureWriter, Direction, Packet, read_capture
 from ulogd.engine.server import LogDevice, Server
-from ulogd.ops import cli, replay
+from ulogd.ops import cli, replay, replay_report
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T
 from ulogd.state import disklog
@@ -108,7 +108,7 @@ def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
 def test_in_process_lifecycle_replays_without_mismatch(tmp_path: Path) -> None:
     cap = record(tmp_path / "life.pcapng", lifecycle)
     report = replay.replay([cap])
-    assert report.exit_status == replay.EXIT_OK
+    assert report.exit_status == replay_report.EXIT_OK
     assert report.total(replay.MISMATCH) == 0
     assert report.total(replay.UNVERIFIABLE) == 0
     assert report.total(replay.UNANSWERED) == 0
@@ -175,7 +175,7 @@ def test_altered_recorded_answer_is_a_mismatch(tmp_path: Path) -> None:
     bad = rewrite(tmp_path / "altered.pcapng", pkts)
 
     report = replay.replay([bad])
-    assert report.exit_status == replay.EXIT_MISMATCH
+    assert report.exit_status == replay_report.EXIT_MISMATCH
     (mismatch,) = report.of(replay.MISMATCH)
     assert mismatch.type_name == "GET_SYNC_COUNT"
     assert mismatch.packet == index + 1  # packets are numbered from 1
@@ -208,7 +208,7 @@ def test_altered_error_and_missing_reply(tmp_path: Path) -> None:
     assert mismatch.recorded is not None and mismatch.recorded.error == -5
     (unanswered,) = report.of(replay.UNANSWERED)
     assert unanswered.type_name == "DTR"
-    assert report.exit_status == replay.EXIT_MISMATCH
+    assert report.exit_status == replay_report.EXIT_MISMATCH
 
 
 def test_status_strings_are_compared_exactly(tmp_path: Path) -> None:
@@ -236,10 +236,10 @@ def test_truncated_file_names_the_packet(
     report = replay.replay([cut])
     assert report.error_packet == 7
     assert "packet 7" in (report.error or "")
-    assert report.exit_status == replay.EXIT_UNREADABLE
+    assert report.exit_status == replay_report.EXIT_UNREADABLE
     assert report.replayed == 3  # requests 1, 3, 5 before the defect
     status, out, err = run_cli(str(cut), capsys=capsys)
-    assert status == replay.EXIT_UNREADABLE
+    assert status == replay_report.EXIT_UNREADABLE
     assert "packet 7" in err and "Traceback" not in err + out
     assert "capture damaged" in out
 
@@ -261,11 +261,11 @@ def test_unreadable_files(
     else:
         path.write_bytes(content)
     status, out, err = run_cli(str(path), "--json", capsys=capsys)
-    assert status == replay.EXIT_UNREADABLE
+    assert status == replay_report.EXIT_UNREADABLE
     assert expected in err
     assert "Traceback" not in err
     doc = json.loads(out)
-    assert doc["exit_status"] == replay.EXIT_UNREADABLE
+    assert doc["exit_status"] == replay_report.EXIT_UNREADABLE
     assert expected in doc["error"]["message"]
 
 
@@ -276,7 +276,7 @@ def test_missing_file_is_one_line(
     cap = record(tmp_path / "life.pcapng", lifecycle)
     missing = tmp_path / "nope.pcapng"
     status, out, err = run_cli(str(cap), str(missing), *fmt, capsys=capsys)
-    assert status == replay.EXIT_UNREADABLE
+    assert status == replay_report.EXIT_UNREADABLE
     assert out == ""
     assert err == f"dm-ulogd replay: {missing}: no such file\n"
 
@@ -290,7 +290,7 @@ def test_cli_subprocess_never_tracebacks_on_garbage(tmp_path: Path) -> None:
         text=True,
         cwd=REPO,
     )
-    assert proc.returncode == replay.EXIT_UNREADABLE
+    assert proc.returncode == replay_report.EXIT_UNREADABLE
     assert "packet 1" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -313,7 +313,7 @@ def test_capture_starting_mid_stream_is_unverifiable_not_a_bug(tmp_path: Path) -
     # start after the resync: the first request is a GET_RESYNC_WORK/SET_REGION_SYNC...
     tail = rewrite(tmp_path / "tail.pcapng", pkts[40:])
     report = replay.replay([tail])
-    assert report.exit_status == replay.EXIT_OK
+    assert report.exit_status == replay_report.EXIT_OK
     assert report.total(replay.MISMATCH) == 0
     assert report.total(replay.UNVERIFIABLE) > 0
     assert all(o.reason == replay.MID_STREAM for o in report.of(replay.UNVERIFIABLE))
@@ -363,10 +363,10 @@ def test_daemon_restart_across_two_files(tmp_path: Path) -> None:
     assert report.restarts == 1
     assert report.total(replay.MISMATCH) == 0, report.render()
     assert report.total(replay.UNVERIFIABLE) == 0, report.render()
-    assert report.exit_status == replay.EXIT_OK
+    assert report.exit_status == replay_report.EXIT_OK
 
     alone = replay.replay([tmp_path / "two.pcapng"])
-    assert alone.exit_status == replay.EXIT_OK
+    assert alone.exit_status == replay_report.EXIT_OK
     assert alone.total(replay.UNVERIFIABLE) > 0  # GET_SYNC_COUNT: 2 recorded, 0 replayed
     assert alone.logs[("LVM-restart", 7)].origin == replay.MID_STREAM
 
@@ -422,7 +422,7 @@ def test_disk_log_with_unknown_prior_content_is_unverifiable(tmp_path: Path) -> 
         image[offset : offset + len(data)] = data
     cap = record(tmp_path / "disk.pcapng", _disk_session, _disk_server(bytes(image)))
     report = replay.replay([cap])
-    assert report.exit_status == replay.EXIT_OK
+    assert report.exit_status == replay_report.EXIT_OK
     assert report.total(replay.MISMATCH) == 0
     unverifiable = report.of(replay.UNVERIFIABLE)
     assert unverifiable and {o.reason for o in unverifiable} == {replay.DISK_CONTENT}
@@ -502,7 +502,7 @@ def test_rejected_datagrams_are_replayed(tmp_path: Path) -> None:
     cap = record(tmp_path / "junk.pcapng", session)
     report = replay.replay([cap])
     assert report.counts[replay.REJECTED][replay.MATCH] == 3
-    assert report.exit_status == replay.EXIT_OK
+    assert report.exit_status == replay_report.EXIT_OK
     # a recorded reply to junk that the replay would not send is a mismatch
     pkts = packets_of(cap)
     short = next(i for i, pkt in enumerate(pkts) if pkt.data == b"\x01\x02")
@@ -531,7 +531,7 @@ def test_until_and_log_filters(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert {k[0] for k in only.logs} == {"LVM-second-log"}
     assert only.skipped["requests of other logs (--log)"] == total // 2
     assert only.total(replay.MISMATCH) == 0
-    first_ten = replay.replay([cap], until=replay.parse_until("10"))
+    first_ten = replay.replay([cap], until=replay_report.parse_until("10"))
     assert first_ten.replayed == 5
     assert first_ten.orphan_replies == 0  # the replies after the limit answer skipped requests
     status, out, _ = run_cli(
@@ -548,22 +548,22 @@ def test_log_filter_matching_nothing_says_so(
     cap = record(tmp_path / "life.pcapng", lifecycle)
     report = replay.replay([cap], log_filter="LVM-not-there")
     assert report.replayed == 0 and report.nothing_matched
-    assert report.exit_status == replay.EXIT_NO_MATCH
+    assert report.exit_status == replay_report.EXIT_NO_MATCH
     status, out, _ = run_cli(str(cap), "--log", "LVM-not-there", capsys=capsys)
-    assert status == replay.EXIT_NO_MATCH
+    assert status == replay_report.EXIT_NO_MATCH
     assert out.splitlines()[-1] == "RESULT: nothing compared: no log matches --log 'LVM-not-there'"
     assert "RESULT: OK" not in out
     status, out, _ = run_cli(str(cap), "--log", "LVM-not-there", "--json", capsys=capsys)
-    assert status == json.loads(out)["exit_status"] == replay.EXIT_NO_MATCH
+    assert status == json.loads(out)["exit_status"] == replay_report.EXIT_NO_MATCH
 
 
 def test_parse_until() -> None:
-    assert replay.parse_until("42") == replay.Until(packet=42)
-    assert replay.parse_until("1.5s") == replay.Until(seconds=1.5)
-    stamp = replay.parse_until("2026-01-02T03:04:05+00:00").timestamp_ns
+    assert replay_report.parse_until("42") == replay_report.Until(packet=42)
+    assert replay_report.parse_until("1.5s") == replay_report.Until(seconds=1.5)
+    stamp = replay_report.parse_until("2026-01-02T03:04:05+00:00").timestamp_ns
     assert stamp == 1767323045 * 10**9
     with pytest.raises(ValueError, match="--until"):
-        replay.parse_until("soon")
+        replay_report.parse_until("soon")
 
 
 def test_until_time(tmp_path: Path) -> None:
@@ -574,8 +574,9 @@ def test_until_time(tmp_path: Path) -> None:
         Packet(p.number, base + i * 10**8, p.direction, p.data) for i, p in enumerate(pkts)
     ]  # 0.1 s apart
     path = rewrite(tmp_path / "timed.pcapng", timed)
-    assert replay.replay([path], until=replay.parse_until("0.95s")).replayed == 5
-    assert replay.replay([path], until=replay.Until(timestamp_ns=base + 3 * 10**8)).replayed == 2
+    assert replay.replay([path], until=replay_report.parse_until("0.95s")).replayed == 5
+    until = replay_report.Until(timestamp_ns=base + 3 * 10**8)
+    assert replay.replay([path], until=until).replayed == 2
 
 
 def test_cli_text_report_and_bad_until(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -611,7 +612,7 @@ def test_legacy_layout(tmp_path: Path) -> None:
     report = replay.replay([cap], layout=wire.LEGACY_2009)
     assert report.total(replay.MATCH) == 5 and report.exit_status == 0
     wrong = replay.replay([cap])  # read with the wrong layout: the answers differ
-    assert wrong.exit_status == replay.EXIT_MISMATCH
+    assert wrong.exit_status == replay_report.EXIT_MISMATCH
 
 
 # ------------------------------------------------------------------------------ shipped captures
@@ -662,7 +663,7 @@ def test_shipped_lifecycle_contents() -> None:
 
 def test_shipped_restart_second_half_alone_starts_mid_stream() -> None:
     report = replay.replay([CAPTURES / "restart-2.pcapng"])
-    assert report.exit_status == replay.EXIT_OK
+    assert report.exit_status == replay_report.EXIT_OK
     (info,) = report.logs.values()
     assert info.origin == replay.MID_STREAM
     assert any("starts mid-stream" in note for note in report.notes)
@@ -676,7 +677,7 @@ def test_altered_shipped_capture_is_reported(tmp_path: Path) -> None:
     copy = tmp_path / "lifecycle-altered.pcapng"
     copy.write_bytes(raw)
     report = replay.replay([copy])
-    assert report.exit_status == replay.EXIT_MISMATCH
+    assert report.exit_status == replay_report.EXIT_MISMATCH
     (m,) = report.of(replay.MISMATCH)
     assert m.type_name == "STATUS_INFO"
     assert m.recorded is not None and m.recorded.data.startswith(b"2 clustered-core")

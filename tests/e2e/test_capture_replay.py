@@ -14,7 +14,7 @@ import pytest
 
 from tests.harness.qemu import GuestRun, run_in_guest
 from ulogd.edges.capture import Direction, read_capture
-from ulogd.ops import replay
+from ulogd.ops import replay, replay_report
 from ulogd.protocol import wire
 
 pytestmark = pytest.mark.e2e
@@ -76,7 +76,7 @@ def test_restart_captures_replay_as_one_kernel_and_two_daemons(guest_captures: G
     assert reconnect.endswith("+NUL (reconnect)")
     # replayed alone, the second file starts mid-stream: reported, never a mismatch
     alone = replay.replay([second])
-    assert alone.exit_status == replay.EXIT_OK
+    assert alone.exit_status == replay_report.EXIT_OK
     assert [info.origin for info in alone.logs.values()] == [replay.MID_STREAM]
 
 

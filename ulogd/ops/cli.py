@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tablegen.add_arguments(table)
 
-    from ulogd.ops import replay
+    from ulogd.ops import replay_cli
 
-    replay.add_arguments(
+    replay_cli.add_arguments(
         commands.add_parser(
             "replay",
             help="dry-run a capture through this ulogd and compare its answers",
@@ -146,9 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return tablegen.main(args)
     if args.command == "replay":
-        from ulogd.ops import replay
+        from ulogd.ops import replay_cli
 
-        return replay.run_cli(args)
+        return replay_cli.run_cli(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
