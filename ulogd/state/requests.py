@@ -39,6 +39,15 @@ from ulogd.protocol.spec import RequestType as T
 from ulogd.state.regionlog import RegionLog
 
 Values = Sequence[int]
+
+#: the payload codec of a request without a payload: its (empty) bytes as a tuple, ()
+_nothing: Callable[[bytes], Values] = tuple
+#: the payload codec of a one-region request (the bound method of the struct: no Python frame)
+_one_region: Callable[[bytes], Values] = U64.unpack
+#: the RegionLog rules a row names directly (unbound methods: no wrapper on the hot path)
+_check_regions = RegionLog.check_regions
+_kernel_marked = RegionLog.kernel_marked
+_kernel_cleared = RegionLog.kernel_cleared
 Result = tuple[int, bytes]
 
 
@@ -57,10 +66,6 @@ class Operation:
     local: Callable[[RegionLog], bool] | None = None
 
 
-def _nothing(_data: bytes) -> Values:
-    return ()
-
-
 def _region_sync(data: bytes) -> Values:
     region, in_sync = p.REGION_SYNC.unpack(data)
     return (region, 1 if in_sync else 0)
@@ -68,18 +73,6 @@ def _region_sync(data: bytes) -> Values:
 
 def _first_in_range(rl: RegionLog, values: Values) -> int:
     return p.EINVAL if values[0] >= rl.region_count else 0
-
-
-def _check_regions(rl: RegionLog, values: Values) -> int:
-    return rl.check_regions(values)
-
-
-def _kernel_marked(rl: RegionLog, values: Values) -> None:
-    rl.kernel_marked(values)
-
-
-def _kernel_cleared(rl: RegionLog, values: Values) -> None:
-    rl.kernel_cleared(values)
 
 
 def _get_region_size(rl: RegionLog, _node: int, _values: Values) -> Result:
@@ -135,10 +128,6 @@ def _is_remote_recovering(rl: RegionLog, node: int, values: Values) -> Result:
 
 def _recovery_halted(rl: RegionLog) -> bool:
     return rl.recovery_halted
-
-
-def _one_region(data: bytes) -> Values:
-    return U64.unpack(data)
 
 
 _ROWS = (
