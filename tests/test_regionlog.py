@@ -396,3 +396,12 @@ def test_a_loaded_snapshot_is_the_replica_and_its_scalars_are_to_be_saved() -> N
     assert rl.sync_count == peer.sync_count and rl.sync_search == 3
     assert rl.scalars_changed
     assert rl.take_scalars().sync_search == 3 and not rl.scalars_changed
+
+
+def test_without_quorum_clears_are_held_and_a_later_mark_cancels_its_regions() -> None:
+    batch = [("clear", (1, 2)), ("mark", (2,)), ("other", ()), ("clear", (3,))]
+    sent, held = RegionLog.without_quorum(
+        batch, kind=lambda o: o[0], regions=lambda o: o[1], narrowed=lambda o, r: (o[0], r)
+    )
+    assert sent == [("mark", (2,)), ("other", ())]
+    assert held == [("clear", (1,)), ("clear", (3,))]

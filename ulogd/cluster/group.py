@@ -93,6 +93,21 @@ assert _OP_OF.keys() == ORDERED, "every ordered request type needs its cluster o
 _ROW_OF: dict[m.Op, Operation] = {op: OPERATIONS[t] for t, op in _OP_OF.items()}
 
 
+def _kind(record: m.OpRecord) -> str:
+    """How :meth:`RegionLog.without_quorum` sees an op."""
+    if record.op is m.Op.CLEAR:
+        return "clear"
+    return "mark" if record.op in (m.Op.MARK, m.Op.FLUSH) else "other"
+
+
+def _values(record: m.OpRecord) -> tuple[int, ...]:
+    return record.values
+
+
+def _narrowed(record: m.OpRecord, regions: tuple[int, ...]) -> m.OpRecord:
+    return m.OpRecord(record.op, record.seq, regions)
+
+
 class Phase(enum.Enum):
     JOINING = "joining"  # in the group, waiting for state
     VALID = "valid"  # holds the group's state
@@ -307,26 +322,10 @@ class Group:
             self.outbox += tail
             return []
         ops = self.outbox + tail
-        if not self.quorate:
-            # A member without quorum never makes a region clean: hold CLEARs back.  A later
-            # MARK of a held region (a new write) cancels that CLEAR: sent after the MARK, it
-            # would clear the region while the new write is in flight.
-            held: list[m.OpRecord] = []
-            sent: list[m.OpRecord] = []
-            for o in ops:
-                if o.op is m.Op.CLEAR:
-                    held.append(o)
-                    continue
-                if held and o.op in (m.Op.MARK, m.Op.FLUSH) and o.values:
-                    marked = set(o.values)
-                    held = [
-                        m.OpRecord(h.op, h.seq, tuple(r for r in h.values if r not in marked))
-                        for h in held
-                    ]
-                    held = [h for h in held if h.values]
-                sent.append(o)
-            ops = sent
-            self.outbox = held
+        if not self.quorate:  # RegionLog.without_quorum: no region made clean
+            ops, self.outbox = RegionLog.without_quorum(
+                ops, kind=_kind, regions=_values, narrowed=_narrowed
+            )
         else:
             self.outbox = []
         if not ops:

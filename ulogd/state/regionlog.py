@@ -65,19 +65,23 @@ Every change goes through a method here; the other layers only read fields:
   :meth:`marks_of` (its own node: :meth:`own_marks`, the kernel's view);
 * a log device that cannot be opened at a restart fails the log (:meth:`device_missing`);
 * scalars are handed to the owner to save by :meth:`take_scalars`, which marks them saved.
+* no region is made clean without quorum: what a member without it may send of its batch,
+  and which CLEARs it holds back, is :meth:`without_quorum`.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from bitarray import bitarray
 
 from ulogd.protocol import spec as p
 from ulogd.protocol.ctr import LogConfig, SyncMode
+
+_Op = TypeVar("_Op")
 
 CHUNK_SHIFT = 12  # 4096 regions = 512 bitmap bytes per disk chunk
 
@@ -689,6 +693,35 @@ class RegionLog:
     def marks_of(self, node: int) -> list[int]:
         """The regions ``node`` holds a mark on, in order (what it may be writing)."""
         return sorted(r for r, nodes in self.holders.items() if node in nodes)
+
+    @staticmethod
+    def without_quorum(
+        batch: Sequence[_Op],
+        *,
+        kind: Callable[[_Op], str],
+        regions: Callable[[_Op], Sequence[int]],
+        narrowed: Callable[[_Op, tuple[int, ...]], _Op],
+    ) -> tuple[list[_Op], list[_Op]]:
+        """What a member without quorum may send of ``batch`` (in order), and what it holds.
+
+        A member without quorum never makes a region clean: its CLEARs are held back.  A
+        later MARK of a held region (a new write) cancels that region's CLEAR: sent after the
+        MARK, it would clear the region while the new write is in flight.  ``kind`` names an
+        op ``"clear"``, ``"mark"`` (a MARK or a FLUSH with marks) or anything else,
+        ``regions`` gives its regions and ``narrowed`` rebuilds a CLEAR for fewer regions."""
+        held: list[_Op] = []
+        sent: list[_Op] = []
+        for op in batch:
+            what = kind(op)
+            if what == "clear":
+                held.append(op)
+                continue
+            if held and what == "mark" and regions(op):
+                marked = set(regions(op))
+                held = [narrowed(h, tuple(r for r in regions(h) if r not in marked)) for h in held]
+                held = [h for h in held if regions(h)]
+            sent.append(op)
+        return sent, held
 
     def set_members(self, nodes: Iterable[int]) -> None:
         """The nodes with a member in the group now (an orphan that is a member again is one
