@@ -32,7 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ulogd.edges.capture import CaptureWriter, Direction, read_capture  # noqa: E402
+from ulogd.edges.capture import CaptureWriter, Direction  # noqa: E402
+from ulogd.edges.capture_reader import read_capture  # noqa: E402
 from ulogd.engine.server import Server  # noqa: E402
 from ulogd.ops import replay  # noqa: E402
 from ulogd.protocol.spec import RequestType as T  # noqa: E402

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 from fuzz import targets  # noqa: E402
 from ulogd.cluster import checkpoint as ck  # noqa: E402
 from ulogd.cluster import messages as m  # noqa: E402
-from ulogd.edges import capture  # noqa: E402
+from ulogd.edges import capture, capture_reader  # noqa: E402
 from ulogd.protocol import ctr  # noqa: E402
 from ulogd.state import disklog  # noqa: E402
 from ulogd.state.regionlog import RegionLog, new_bitmaps  # noqa: E402
@@ -32,7 +32,7 @@ def seeds() -> dict[str, list[bytes]]:
     for path in sorted((ROOT / "captures").glob("*.pcapng")):
         raw = path.read_bytes()
         out["capture"].append(raw)
-        for pk in capture.read_capture(path):
+        for pk in capture_reader.read_capture(path):
             if pk.direction is capture.Direction.TO_DAEMON:
                 requests.append(pk.data)
     unique = sorted(set(requests), key=lambda d: (len(d), d))[:200]

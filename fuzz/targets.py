@@ -32,7 +32,7 @@ from bitarray import bitarray
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
-from ulogd.edges import capture
+from ulogd.edges import capture, capture_reader
 from ulogd.engine.runner import SyncRunner
 from ulogd.engine.server import Action, DiskRead, DiskWrite, Server
 from ulogd.ops import config
@@ -329,10 +329,10 @@ def check_disklog(data: bytes) -> None:
 
 
 def check_capture(data: bytes) -> None:
-    """``capture.read_capture``: CaptureFormatError only; packets are well-formed records."""
+    """``read_capture``: CaptureFormatError only; packets are well-formed records."""
     for family in (capture.NETLINK_CONNECTOR, None):
         try:
-            packets = list(capture.read_capture(io.BytesIO(data), netlink_family=family,
+            packets = list(capture_reader.read_capture(io.BytesIO(data), netlink_family=family,
                                                 on_foreign_linktype="skip"))  # fmt: skip
         except capture.CaptureFormatError as exc:
             assert exc.packet_number >= 1 and exc.offset >= 0
@@ -342,7 +342,7 @@ def check_capture(data: bytes) -> None:
         for pk in packets:
             assert isinstance(pk.data, bytes) and pk.direction in capture.Direction
     try:
-        for _ in capture.read_capture(io.BytesIO(data), on_foreign_linktype="error"):
+        for _ in capture_reader.read_capture(io.BytesIO(data), on_foreign_linktype="error"):
             pass
     except capture.CaptureFormatError:
         pass

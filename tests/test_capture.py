@@ -25,8 +25,8 @@ from ulogd.edges.capture import (
     CaptureWriter,
     Direction,
     Packet,
-    read_capture,
 )
+from ulogd.edges.capture_reader import read_capture
 
 NATIVE = "<" if struct.pack("=H", 1) == b"\x01\x00" else ">"
 T0 = 1_700_000_000_123_456_789

@@ -12,7 +12,8 @@ from typing import cast
 
 import pytest
 
-from ulogd.edges.capture import CaptureWriter, Direction, Packet, read_capture
+from ulogd.edges.capture import CaptureWriter, Direction, Packet
+from ulogd.edges.capture_reader import read_capture
 from ulogd.engine.server import LogDevice, Server
 from ulogd.ops import cli, replay, replay_report
 from ulogd.protocol import wire

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness.qemu import GuestRun, run_in_guest
-from ulogd.edges.capture import Direction, read_capture
+from ulogd.edges.capture import Direction
+from ulogd.edges.capture_reader import read_capture
 from ulogd.ops import replay, replay_report
 from ulogd.protocol import wire
 

@@ -6,7 +6,8 @@ Theory of operation
 Input
 -----
 One or more capture files (pcapng or pcap, LINKTYPE_NETLINK, read by
-:func:`ulogd.edges.capture.read_capture`), each holding the datagrams one daemon saw and sent.
+:func:`ulogd.edges.capture_reader.read_capture`), each holding the datagrams one daemon saw
+and sent.
 Several files are *one kernel talking to successive daemons*: ``dm-ulogd run --capture A`` was
 killed or stopped and ``dm-ulogd run --capture B`` took over with the same run directory.
 
@@ -92,7 +93,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ulogd.edges.capture import CaptureFormatError, Direction, Packet, read_capture
+from ulogd.edges.capture import CaptureFormatError, Direction, Packet
+from ulogd.edges.capture_reader import read_capture
 from ulogd.engine.runner import SyncRunner
 from ulogd.engine.server import Action, DiskRead, DiskWrite, Server
 from ulogd.ops.replay_report import (

@@ -388,7 +388,8 @@ def read_messages(path: Path) -> list[Message]:
     Ack-only replies (``cn_msg.len == 0``: seq and positive errno in the cn_msg header) are
     returned as ``rtype == "ACK"`` with an empty uuid and ``error = -ack``.
     """
-    from ulogd.edges.capture import Direction, read_capture  # only needed for this
+    from ulogd.edges.capture import Direction  # only needed for this
+    from ulogd.edges.capture_reader import read_capture  # only needed for this
 
     out = []
     for pkt in read_capture(path):
