@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from ulogd.engine.server import Send, Server
+from ulogd.engine.actions import Send
+from ulogd.engine.server import Server
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T
 from ulogd.state.statefile import StateDir

@@ -33,8 +33,9 @@ from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import group as g
 from ulogd.cluster import messages as m
 from ulogd.edges import capture, capture_reader
+from ulogd.engine.actions import Action, DiskRead, DiskWrite
 from ulogd.engine.runner import SyncRunner
-from ulogd.engine.server import Action, DiskRead, DiskWrite, Server
+from ulogd.engine.server import Server
 from ulogd.ops import config
 from ulogd.protocol import ctr, wire
 from ulogd.protocol import spec as p
@@ -527,7 +528,7 @@ class _Devices:
         self.fail_write = False
 
     def open(self, path: str) -> disklog.MemoryDiskLog:
-        from ulogd.engine.server import DeviceError
+        from ulogd.engine.actions import DeviceError
 
         if path == "/dev/missing":
             raise DeviceError(errno.ENOENT, "no such device")

@@ -14,7 +14,8 @@ import pytest
 
 from ulogd.edges.capture import CaptureWriter, Direction, Packet
 from ulogd.edges.capture_reader import read_capture
-from ulogd.engine.server import LogDevice, Server
+from ulogd.engine.actions import LogDevice
+from ulogd.engine.server import Server
 from ulogd.ops import cli, replay, replay_report
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ulogd.engine.server import DeviceError, DiskWrite, Send, Server
+from ulogd.engine.actions import DeviceError, DiskWrite, Send
+from ulogd.engine.server import Server
 from ulogd.protocol import spec as p
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T

@@ -7,7 +7,8 @@ from __future__ import annotations
 import struct
 
 from ulogd.edges import dmcontrol
-from ulogd.engine.server import ClusterSend, Cycle, Join, Leave, Send, Server
+from ulogd.engine.actions import ClusterSend, Cycle, Join, Leave, Send
+from ulogd.engine.server import Server
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T
 

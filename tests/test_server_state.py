@@ -7,7 +7,8 @@ import errno
 import struct
 from pathlib import Path
 
-from ulogd.engine.server import Prepare, Send, Server
+from ulogd.engine.actions import Prepare, Send
+from ulogd.engine.server import Server
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T
 from ulogd.state.statefile import StateDir

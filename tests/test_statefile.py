@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from ulogd.engine.server import Send, Server
+from ulogd.engine.actions import Send
+from ulogd.engine.server import Server
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T
 from ulogd.state import statefile

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 import cpg
-from ulogd.engine.server import Action, ClusterSend, Join, Leave, Server, about
+from ulogd.engine.actions import Action, ClusterSend, Join, Leave
+from ulogd.engine.server import Server, about
 
 log = logging.getLogger(__name__)
 

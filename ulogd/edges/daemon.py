@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from ulogd.edges.capture import Direction
 from ulogd.edges.counters import Metrics
 from ulogd.edges.transport import Transport
-from ulogd.engine.server import (
+from ulogd.engine.actions import (
     Action,
     ClusterSend,
     Cycle,
@@ -56,9 +56,8 @@ from ulogd.engine.server import (
     LogDevice,
     Prepare,
     Send,
-    Server,
-    about,
 )
+from ulogd.engine.server import Server, about
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from ulogd.engine.server import Action, DiskRead, DiskWrite, Prepare, Send, Server
+from ulogd.engine.actions import Action, DiskRead, DiskWrite, Prepare, Send
+from ulogd.engine.server import Server
 
 
 class SyncRunner:

@@ -45,10 +45,25 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ulogd.cluster import group as g
 from ulogd.cluster.group import Group
+from ulogd.engine.actions import (
+    Action,
+    ClusterSend,
+    Continuation,
+    Cycle,
+    DeviceError,
+    DeviceOpener,
+    DiskRead,
+    DiskWrite,
+    Join,
+    Leave,
+    LogDevice,
+    Prepare,
+    Send,
+)
 from ulogd.engine.ratelimit import RateLimiter
 from ulogd.engine.view import GroupView, LogView, OrphanView
 from ulogd.protocol import ctr, wire
@@ -83,95 +98,8 @@ _REGION_TYPES = frozenset(
 )
 
 
-class LogDevice(Protocol):
-    """What the server needs of an opened log device (see ``ulogd.state.disklog``)."""
-
-    block_size: int
-    size_bytes: int
-    rdev: tuple[int, int] | None
-
-    def read(self, nbytes: int) -> bytes: ...
-    def write_extents(self, extents: list[tuple[int, bytes]]) -> None: ...
-    def close(self) -> None: ...
-
-
-class DeviceError(Exception):
-    """Opening a log device failed; ``errno`` is positive."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
-
-
-DeviceOpener = Callable[[str], LogDevice]
-
-
-@dataclass(slots=True)
-class Send:
-    data: bytes
-
-
-@dataclass(slots=True)
-class DiskRead:
-    token: int
-    device: LogDevice
-    nbytes: int
-    uuid: str
-
-
-@dataclass(slots=True)
-class DiskWrite:
-    token: int
-    device: LogDevice
-    extents: list[tuple[int, bytes]]
-    uuid: str
-
-
-@dataclass(slots=True)
-class Join:
-    """Join the log's process group (cluster mode): the caller opens a CPG handle and feeds
-    its events to :meth:`Server.group_confchg` / :meth:`Server.group_deliver`."""
-
-    key: tuple[str, int]
-    name: bytes
-
-
-@dataclass(slots=True)
-class ClusterSend:
-    key: tuple[str, int]
-    data: bytes
-
-
-@dataclass(slots=True)
-class Leave:
-    key: tuple[str, int]
-
-
-@dataclass(slots=True)
-class Cycle:
-    """Suspend and resume this node's mirror that uses the log, so its kernel recovers the
-    regions a departed member left out of sync; report back with :meth:`Server.cycle_done`."""
-
-    key: tuple[str, int]
-
-
-@dataclass(slots=True)
-class Prepare:
-    """Heavy state-file work for a worker thread: building a huge log's file at its CTR, or
-    counting a restored one.  The caller runs ``job()`` off the event loop (it releases the
-    interpreter lock in system calls or every few milliseconds) and reports its result or
-    exception with :meth:`Server.prepared`; meanwhile every other log is served."""
-
-    token: int
-    job: Callable[[], Any]
-    uuid: str
-
-
-Action = Send | DiskRead | DiskWrite | Join | ClusterSend | Leave | Cycle | Prepare
-
 #: requests that change replicated state: ordered through the group unless alone
 GROUP_TYPES = ORDERED
-Continuation = Callable[[bytes | None, OSError | None], list[Action]]
 
 
 @dataclass(eq=False)

@@ -289,7 +289,8 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ulogd.edges import blockdev
     from ulogd.edges.daemon import Daemon
     from ulogd.edges.transport import open_transport
-    from ulogd.engine.server import DeviceError, LogDevice, Server
+    from ulogd.engine.actions import DeviceError, LogDevice
+    from ulogd.engine.server import Server
     from ulogd.ops import config
     from ulogd.state import disklog, statefile
     from ulogd.state.statefile import StateDir

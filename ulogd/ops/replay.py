@@ -95,8 +95,9 @@ from typing import Any
 
 from ulogd.edges.capture import CaptureFormatError, Direction, Packet
 from ulogd.edges.capture_reader import read_capture
+from ulogd.engine.actions import Action, DiskRead, DiskWrite
 from ulogd.engine.runner import SyncRunner
-from ulogd.engine.server import Action, DiskRead, DiskWrite, Server
+from ulogd.engine.server import Server
 from ulogd.ops.replay_report import (
     DISK_CONTENT,
     MATCH,
