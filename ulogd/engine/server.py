@@ -327,26 +327,31 @@ class Server:
         group orders it, or the engine runs a life-cycle request, or the row's RegionLog
         operation answers it here."""
         row = OPERATIONS[request.request_type]
+        apply = row.apply
         group = entry.group
+        rl = entry.log
         try:
-            if row.ordered and group is not None and not group.direct:
+            if group is not None and row.ordered and not group.direct:
                 actions = self._group_actions(entry, group.submit(request))
-            elif row.apply is None:
+            elif apply is None:
                 actions = self._lifecycle[request.request_type](entry, request)
             else:
-                rl = entry.log
                 values = row.decode(request.data)
-                err, payload = row.apply(rl, self.local_node, values)
-                if not err and row.acknowledge is not None:
-                    row.acknowledge(rl, values)
-                if row.writes_disk and not err:
-                    actions = self._write_then_reply(entry, request)
-                else:
+                err, payload = apply(rl, self.local_node, values)
+                if err:
                     actions = [self._reply(request, err, payload)]
+                else:
+                    acknowledge = row.acknowledge
+                    if acknowledge is not None:
+                        acknowledge(rl, values)
+                    if row.writes_disk:
+                        actions = self._write_then_reply(entry, request)
+                    else:
+                        actions = [self._reply(request, 0, payload)]
         except OSError as exc:
             actions = self._failed(request, exc)
-        if entry.log.scalars_changed:  # saved before the reply that depends on them
-            entry.state.save_scalars(entry.log.take_scalars())
+        if rl.scalars_changed:  # saved before the reply that depends on them
+            entry.state.save_scalars(rl.take_scalars())
         return actions
 
     def _failed(self, request: wire.Request, exc: OSError) -> list[Action]:
