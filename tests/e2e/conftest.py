@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,12 @@ from typing import Any
 import pytest
 
 from tests.harness import qemu
-from tests.harness.guest.dmlib import Message, read_messages
+
+# The guest scripts import their library as ``dmlib`` (their directory is sys.path[0]); the host
+# reads their messages with the same module, under the same one name.
+if str(qemu.GUEST_DIR) not in sys.path:
+    sys.path.insert(0, str(qemu.GUEST_DIR))
+from dmlib import Message, read_messages
 
 #: Scenarios run per boot, in order.  Each boot shares one ulogd; "shutdown" stops it.
 GROUPS: dict[str, tuple[str, ...]] = {
