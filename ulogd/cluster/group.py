@@ -62,13 +62,31 @@ they run:
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from ulogd.cluster import checkpoint as ck
 from ulogd.cluster import messages as m
+from ulogd.cluster.events import (
+    CHUNK_SIZE,
+    Action,
+    Answer,
+    Assembly,
+    ConfChange,
+    Delivery,
+    Event,
+    LeaveNow,
+    MemberId,
+    MergeRound,
+    Multicast,
+    Phase,
+    Ready,
+    Recover,
+    WriteDisk,
+    is_merge,
+    targets_of,
+)
+from ulogd.cluster.merging import MergeRounds
 from ulogd.protocol import spec as p
 from ulogd.protocol import wire
 from ulogd.protocol.spec import RequestType as T
@@ -76,8 +94,6 @@ from ulogd.state.regionlog import RegionLog, Rejoin
 from ulogd.state.requests import OPERATIONS, ORDERED, Operation
 
 log = logging.getLogger(__name__)
-
-MemberId = tuple[int, int]  # (nodeid, pid)
 
 #: the cluster op of each ordered request type (its meaning is its row in OPERATIONS)
 _OP_OF: dict[int, m.Op] = {
@@ -108,118 +124,8 @@ def _narrowed(record: m.OpRecord, regions: tuple[int, ...]) -> m.OpRecord:
     return m.OpRecord(record.op, record.seq, regions)
 
 
-class Phase(enum.Enum):
-    JOINING = "joining"  # in the group, waiting for state
-    VALID = "valid"  # holds the group's state
-    LEFT = "left"
-
-
-@dataclass(slots=True)
-class Answer:
-    request: wire.Request
-    error: int = 0
-    payload: bytes = b""
-
-
-@dataclass(slots=True)
-class Multicast:
-    data: bytes
-
-
-@dataclass(slots=True)
-class WriteDisk:
-    """The disk server must write these chunks (None = everything) and then multicast
-    ``DISK_DONE(index)`` via :meth:`Group.disk_written`."""
-
-    chunks: set[int] | None
-    index: int
-
-
-@dataclass(slots=True)
-class LeaveNow:
-    """Everything this member sent has been delivered: leave the group, then answer the
-    POSTSUSPEND that asked for it."""
-
-    request: wire.Request
-
-
-@dataclass(slots=True)
-class Recover:
-    """Regions lost sync because a member left holding them: this node's kernel must be made
-    to ask for resync work again (it stops asking once it has seen every region in sync)."""
-
-    regions: list[int]
-
-
-@dataclass(slots=True)
-class Ready:
-    """This member now holds the group's state.  ``master``: nobody else had it — load it
-    locally (own replica, or the disk for a disk log) before answering."""
-
-    master: bool
-
-
-Action = Answer | Multicast | WriteDisk | Ready | LeaveNow | Recover
-
-#: checkpoint chunk size: well below corosync's atomic message size (~1 MiB)
-CHUNK_SIZE = 256 * 1024
-
-
-def _targets(members: set[MemberId] | tuple[MemberId, ...]) -> tuple[m.Target, ...]:
-    return tuple(m.Target(n, pid, 0) for n, pid in sorted(members))
-
-
-@dataclass(frozen=True, slots=True)
-class ConfChange:
-    """A configuration change as the group keeps it (queued while joining or merging)."""
-
-    members: tuple[MemberId, ...]
-    left: tuple[MemberId, ...]
-    joined: tuple[MemberId, ...]
-    nodeup: tuple[MemberId, ...]
-    procdown: tuple[MemberId, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A delivered message as the group keeps it (queued while joining or merging)."""
-
-    sender: MemberId
-    message: m.Message
-
-
-Event = ConfChange | Delivery
-
-
-def _is_merge(event: Event) -> bool:
-    """A configuration change that brings members of another partition (NODEUP)."""
-    return isinstance(event, ConfChange) and any(mm in event.members for mm in event.nodeup)
-
-
-@dataclass
-class _Merge:
-    change: frozenset[MemberId]  # the merge change's members (its chunks name them)
-    expect: set[MemberId]
-    departed: set[MemberId] = field(default_factory=set)
-    pos: int = 0  # position of the latest event in the round (the merge change is 0)
-    parts: dict[MemberId, int] = field(default_factory=dict)
-    points: dict[MemberId, int] = field(default_factory=dict)
-    chunks: dict[MemberId, dict[int, bytes]] = field(default_factory=dict)
-    queue: list[tuple[int, Event]] = field(default_factory=list)
-    own: ck.GroupBook | None = None  # the book of this member's own contribution
-
-
-@dataclass
-class _Assembly:
-    point: int
-    parts: int
-    joined_at: int
-    chunks: dict[int, bytes] = field(default_factory=dict)
-    sender: MemberId = (0, 0)  # points are per sender's numbering: never mix two senders
-
-
-class Group:
-    """See the module docstring."""
+class Group(MergeRounds):
+    """See the module docstring (partition merge rounds: :class:`MergeRounds`)."""
 
     def __init__(
         self,
@@ -260,9 +166,9 @@ class Group:
         self._elders: set[MemberId] = set()
         self._cohort: set[MemberId] = set()
         self._queue: list[tuple[int, Event]] = []
-        self._assembly: _Assembly | None = None
+        self._assembly: Assembly | None = None
         self._leaving: wire.Request | None = None
-        self._merge: _Merge | None = None
+        self._merge: MergeRound | None = None
         self._changes = 0  # configuration changes seen since our own join
         self._hold_duty = False  # no checkpoint starts while a merge round begins or replays
         #: regions this node held when its corosync connection was lost (marked again on rejoin)
@@ -371,7 +277,7 @@ class Group:
         nodeup, procdown = event.nodeup, event.procdown
         if self._merge is not None:
             return self._merge_confchg(members_t, left, event)
-        if _is_merge(event):
+        if is_merge(event):
             return self._start_merge(members_t, left, nodeup, procdown)
         self._changes += 1
         if self.phase is Phase.JOINING:
@@ -382,197 +288,6 @@ class Group:
             self.log.set_members(n for n, _ in members_t)
             return self._maybe_master()
         return self._apply_confchg(members_t, left, joined, procdown)
-
-    # ------------------------------------------------------------------ partition merges
-    def _start_merge(
-        self,
-        members: tuple[MemberId, ...],
-        left: tuple[MemberId, ...],
-        nodeup: tuple[MemberId, ...],
-        procdown: tuple[MemberId, ...] = (),
-    ) -> list[Action]:
-        """Partitions merged: every member contributes its state as of this change (or says it
-        has none); events are held until every contribution is in, then all replicas combine
-        them the same way (:meth:`RegionLog.merge_from`)."""
-        actions: list[Action] = []
-        if self.phase is Phase.VALID:
-            # Departures seen in this change still count (a node on the far side may have
-            # crashed).  Nobody is a joiner yet and no checkpoint starts: every member of the
-            # change takes part in the round, and those without state become joiners when it
-            # completes (a checkpoint started now would be abandoned right away).
-            self._hold_duty = True
-            actions += self._apply_confchg(members, left, (), procdown)
-            self._hold_duty = False
-        self.members = members
-        self.log.set_members(n for n, _ in members)
-        log.warning("partitions merged (%d member(s) came back): combining replicas", len(nodeup))
-        self._merge = _Merge(change=frozenset(members), expect=set(members))
-        self.sender = None
-        if self.phase is Phase.VALID:
-            # The contribution names its side: who held state there (a node's marks are taken
-            # from its own side only) and who did not (such a member has no marks).
-            side = [mm for mm in members if mm not in nodeup]
-            book = ck.GroupBook(
-                self.index,
-                tuple(sorted(self.valid)),
-                tuple((n, pid, 0) for n, pid in side if (n, pid) not in self.valid),
-            )
-            self._merge.own = book
-            parts = ck.split(ck.snapshot(self.log, book), self.chunk_size)
-            self.in_flight += len(parts)
-            actions += [
-                Multicast(m.encode_merge(self.index, i, len(parts), _targets(members), chunk))
-                for i, chunk in enumerate(parts)
-            ]
-        else:
-            # What this member waited for on its side is moot: it counts from the merge change
-            # (0) like everybody who takes part without state (see _merge_complete).
-            self.index = 0
-            self._queue = []
-            self._assembly = None
-            self.in_flight += 1
-            actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(members), b"")))
-        return actions
-
-    def _merge_confchg(
-        self, members: tuple[MemberId, ...], left: tuple[MemberId, ...], event: ConfChange
-    ) -> list[Action]:
-        merge = self._merge
-        assert merge is not None
-        self.members = members
-        self.log.set_members(n for n, _ in members)
-        for gone in left:
-            # Not waited for any more; a complete contribution still counts (its marks must be
-            # merged so that replaying this departure makes its regions lose sync).
-            merge.expect.discard(gone)
-            merge.departed.add(gone)
-        merge.pos += 1
-        merge.queue.append((merge.pos, event))
-        return self._merge_complete()
-
-    def _merge_chunk(self, sender: MemberId, chunk: m.MergeChunk) -> list[Action]:
-        merge = self._merge
-        assert merge is not None
-        if sender not in merge.expect and sender not in merge.departed:
-            return []
-        merge.parts[sender] = chunk.parts
-        merge.points[sender] = chunk.point
-        if chunk.parts:
-            merge.chunks.setdefault(sender, {})[chunk.part] = chunk.data
-        return self._merge_complete()
-
-    def _merge_complete(self) -> list[Action]:
-        merge = self._merge
-        assert merge is not None
-        for member in merge.expect:
-            parts = merge.parts.get(member)
-            if parts is None or (parts and len(merge.chunks.get(member, {})) < parts):
-                return []
-        self._merge = None
-        nested = next((i for i, (_, event) in enumerate(merge.queue) if _is_merge(event)), None)
-        held = merge.queue if nested is None else merge.queue[:nested]
-        later = [] if nested is None else merge.queue[nested:]
-        end = merge.pos if nested is None else merge.queue[nested][0] - 1
-
-        def complete(mm: MemberId) -> bool:
-            parts = merge.parts.get(mm)
-            return parts is not None and len(merge.chunks.get(mm, {})) >= parts
-
-        contributors = sorted(
-            mm for mm in merge.expect | merge.departed if merge.parts.get(mm) and complete(mm)
-        )
-        actions: list[Action] = []
-        # Members that left before their contribution was complete are still accounted for
-        # when a complete contribution of their side names them: as holding state (its replica
-        # has their marks; the replayed departure loses sync of their regions) or not (no
-        # marks).  Otherwise they may have held marks nobody knows about.
-        holding: set[MemberId] = set()
-        if self.phase is Phase.VALID:
-            sides: list[tuple[RegionLog, set[int]]] = []
-            named: set[MemberId] = set()
-            for member in contributors:
-                if member == self.me and merge.own is not None:
-                    replica, book = self.log, merge.own
-                else:
-                    blob = b"".join(merge.chunks[member][i] for i in range(merge.parts[member]))
-                    replica = self.log.blank_copy()
-                    try:
-                        book = ck.restore(replica, blob)
-                    except ck.CheckpointError as exc:
-                        log.error("merge contribution of node %d unusable: %s", member[0], exc)
-                        continue
-                holding.update(book.valid)
-                named.update(book.valid)
-                named.update((n, pid) for n, pid, _ in book.joiners)
-                sides.append((replica, {n for n, _ in book.valid}))
-            lost = self.log.merge_from(sides)
-            unknown = sorted(mm for mm in merge.departed if not complete(mm) and mm not in named)
-            if unknown:
-                log.error(
-                    "members %s left during a partition merge before their state "
-                    "arrived: every region is resynchronised",
-                    [n for n, _ in unknown],
-                )
-                lost = self.log.lose_all_sync()
-            if lost:
-                actions.append(Recover(lost))
-                log.warning(
-                    "partition merge: %d region(s) lost sync and will be recovered", len(lost)
-                )
-        self.index = max(merge.points.values(), default=0) + 1
-        # Departed contributors (and departed members a contribution names as holding state)
-        # stay valid until the queued change that reports their departure is replayed below: it
-        # applies node_departed to their marks like any departure.
-        self.valid = set(contributors) | (holding & merge.departed)
-        self.joiners = {}
-        if self.phase is Phase.VALID:
-            rl = self.log
-            if rl.has_disk and self.disk_server is not None:
-                rl.rewrite_whole_log()  # by the (possibly new) server
-                if self.disk_server == self.me[0]:
-                    actions.append(WriteDisk(None, self.index))
-            # Every event of the round has its position: the merge change is the merged
-            # group's index ``base`` and each later event ``base + position`` — the numbering
-            # members that joined during the round use too.
-            base = self.index - 1
-            # No checkpoint starts during the replay: the members that took part without state
-            # become joiners only at the round's last event (that is where they count from), and
-            # a snapshot taken earlier would not list them as joiners.  One checkpoint at the
-            # end serves them and everybody who joined during the round.
-            self._hold_duty = True
-            for pos, event in held:
-                actions += self._replay(base + pos, event)
-            self._hold_duty = False
-            self.index = base + end
-            if not later:
-                for member in merge.expect:
-                    if member in self.members and member not in self.valid:
-                        self.joiners.setdefault(member, base)  # took part without state
-                actions += self._checkpoint_duty()
-        else:
-            # Still without state.  Every member that took part without state counts from the
-            # merge change (0), the change members holding state name as its join.  They form
-            # the oldest cohort after the members still holding state (contributors that left
-            # during the round are gone: their departures are among the round's events);
-            # members that joined during the round are younger, and the changes that admitted
-            # them stay queued for a master among us to number their joins.
-            self.valid -= merge.departed
-            self.index = end
-            self._queue = [(pos, event) for pos, event in held if isinstance(event, ConfChange)]
-            self._elders = set(self.valid)
-            self._cohort = (merge.expect & set(self.members)) - self.valid
-            if not later:
-                actions += self._maybe_master()
-        # Another merge came during the round: the round ends just before it, and everything
-        # from that change on is handled as it would have been after the round, the change
-        # starting the next round (its newcomers started theirs at it already).
-        for _, event in later:
-            self.index += 1
-            if isinstance(event, ConfChange):
-                actions += self._on_confchg(event)
-            else:
-                actions += self._on_message(event.sender, event.message)
-        return actions
 
     def _maybe_master(self) -> list[Action]:
         if self._elders:
@@ -723,14 +438,14 @@ class Group:
             # was the merge change (position 0): what we queued since is the round's, and
             # members of the change that left since are its departures.
             present = set(self.members)
-            self._merge = _Merge(
+            self._merge = MergeRound(
                 change=chunk_of, expect=set(chunk_of & present), departed=set(chunk_of - present)
             )
             self._merge.queue, self._queue = self._queue, []
             self._merge.pos = self.index - 1
             self._assembly = None
             self.in_flight += 1
-            actions.append(Multicast(m.encode_merge(0, 0, 0, _targets(set(chunk_of)), b"")))
+            actions.append(Multicast(m.encode_merge(0, 0, 0, targets_of(set(chunk_of)), b"")))
         merge = self._merge
         if merge is not None and isinstance(message, m.MergeChunk) and chunk_of == merge.change:
             merge.pos += 1
@@ -881,7 +596,7 @@ class Group:
             return None
         a = self._assembly
         if a is None or a.point != chunk.point or a.sender != sender:
-            a = self._assembly = _Assembly(chunk.point, chunk.parts, target.joined_at)
+            a = self._assembly = Assembly(chunk.point, chunk.parts, target.joined_at)
             a.sender = sender
         a.chunks[chunk.part] = chunk.data
         if len(a.chunks) < a.parts:
