@@ -35,8 +35,8 @@ new_loop() {  # new_loop NAME MIB -> prints the loop device (detached by losetup
 cat >"$WORK/ulogd-shim.py" <<'EOF'
 import sys
 
-import ulogd.transport.netlink as netlink
-from ulogd.cli import main
+import ulogd.edges.transport.netlink as netlink
+from ulogd.ops.cli import main
 
 _init = netlink.NetlinkTransport.__init__
 
