@@ -27,7 +27,8 @@ from typing import Any
 
 import cpg
 from ulogd.engine.actions import Action, ClusterSend, Join, Leave
-from ulogd.engine.server import Server, about
+from ulogd.engine.server import Server
+from ulogd.engine.table import about
 
 log = logging.getLogger(__name__)
 

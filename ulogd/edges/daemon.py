@@ -57,7 +57,8 @@ from ulogd.engine.actions import (
     Prepare,
     Send,
 )
-from ulogd.engine.server import Server, about
+from ulogd.engine.server import Server
+from ulogd.engine.table import about
 
 log = logging.getLogger(__name__)
 

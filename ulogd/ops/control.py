@@ -60,7 +60,7 @@ class LastErrors(logging.Handler):
     """Remembers the newest warning or error for each log and for the daemon.
 
     A record is about a log when it carries that log's whole identity (``extra=about(key)``,
-    see :func:`ulogd.engine.server.about`): the ``[tail]`` a line starts with is for operators and
+    see :func:`ulogd.engine.table.about`): the ``[tail]`` a line starts with is for operators and
     may be shared by two logs.  Any other error is the daemon's."""
 
     LIMIT = 4096
