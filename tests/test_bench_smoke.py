@@ -46,9 +46,11 @@ def test_request_path(tmp_path: Path) -> None:
 
 def test_transport_latency(tmp_path: Path) -> None:
     data = run_quick("transport_latency", tmp_path)
-    for who in ("daemon", "echo"):
+    for who in ("daemon-off", "daemon-adaptive", "echo"):
         assert 0 < data[who]["p50_us"] <= data[who]["p99_us"] < 1e6
-    assert data["ratio_p50_us"] > 0
+        assert 0 < data[who]["cpu_us_per_request"] < 1e6
+    assert data["daemon-adaptive_to_echo"]["p50_us"] > 0
+    assert data["adaptive_to_off"]["cpu_us_per_request"] > 0
 
 
 def test_scale(tmp_path: Path) -> None:
