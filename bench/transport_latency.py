@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import responders
 
 from ulogd import wire
 from ulogd.protocol import RequestType as T
@@ -185,7 +186,7 @@ def setup_log(client: UnixClient) -> None:
         assert reply.error == 0, reply
 
 
-WHO = ("daemon-off", "daemon-adaptive", "echo")
+WHO = ("daemon-off", "daemon-adaptive", "echo", "c-responder")
 FIGURES = ("p50_us", "p99_us", "mean_us", "cpu_us_per_request")
 
 
@@ -198,15 +199,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             daemon(workdir, args.profile, "off") as (off_path, off_pid),
             daemon(workdir, None, "adaptive") as (ad_path, ad_pid),
             echo_server(workdir) as (epath, epid),
+            contextlib.ExitStack() as stack,
         ):
             clients = {
                 "daemon-off": (UnixClient(off_path), off_pid),
                 "daemon-adaptive": (UnixClient(ad_path), ad_pid),
                 "echo": (UnixClient(epath), epid),
             }
+            if responders.build_c_responder() is not None:
+                cpath = str(workdir / "c.sock")
+                cpid = stack.enter_context(responders.serve_unix("c", cpath))
+                clients["c-responder"] = (UnixClient(cpath), cpid)
+                setup_log(clients["c-responder"][0])
+            else:
+                print(f"C responder baseline skipped: {responders.WHY_NO_C[0]}")
             warm = datagrams[: min(600, len(datagrams))]
             for who, (client, _) in clients.items():
-                if who != "echo":
+                if who.startswith("daemon"):
                     setup_log(client)
                 # warm-up (and, for the daemons, a check that every reply is a success)
                 round_trips(client, warm, check=who != "echo")
@@ -215,13 +224,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 client, pid = clients[who]
                 return lambda: one_round(client, pid, datagrams)
 
-            rounds = common.alternate({who: runner(who) for who in WHO}, args.rounds)
+            rounds = common.alternate({who: runner(who) for who in clients}, args.rounds)
             for client, _ in clients.values():
                 client.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out: dict[str, Any] = {"rounds": rounds}
-    for who in WHO:
+    for who in rounds:
         out[who] = {k: common.median([r[k] for r in rounds[who]]) for k in FIGURES}
     for who in ("daemon-off", "daemon-adaptive"):
         out[f"{who}_to_echo"] = {
@@ -265,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         "daemon-off": "ulogd, --poll off (write mix)",
         "daemon-adaptive": "ulogd, --poll adaptive",
         "echo": "bare blocking echo server",
+        "c-responder": "stateless C responder, blocking",
     }
     rows = []
-    for who in WHO:
+    for who in (w for w in WHO if w in r):
         f = r[who]
         rows.append(
             (names[who], *(f"{f[k]:.1f}" for k in FIGURES[:3]), f"{f['cpu_us_per_request']:.1f}")
