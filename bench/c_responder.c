@@ -69,18 +69,29 @@ static struct geometry *find(uint64_t luid)
 	return NULL;
 }
 
+/* CTR's arguments: "<target sectors> [integrated_flush] <type> [<log device>] <region> ..."
+ * The region size is the first all-digit word after the first two. */
 static void remember(uint64_t luid, const char *args, uint32_t len)
 {
 	char text[256];
 	unsigned long long target = 0, region = 0;
-	char type[64];
 	struct geometry *g = find(luid);
+	char *save = NULL, *word;
+	int index = 0;
 
 	if (len >= sizeof(text))
 		len = sizeof(text) - 1;
 	memcpy(text, args, len);
 	text[len] = 0;
-	if (sscanf(text, "%llu %63s %llu", &target, type, &region) != 3 || region == 0)
+	for (word = strtok_r(text, " ", &save); word; word = strtok_r(NULL, " ", &save), index++) {
+		if (index == 0)
+			target = strtoull(word, NULL, 10);
+		else if (index >= 2 && strspn(word, "0123456789") == strlen(word)) {
+			region = strtoull(word, NULL, 10);
+			break;
+		}
+	}
+	if (region == 0)
 		return;
 	if (!g) {
 		if (nlogs == MAX_LOGS)

@@ -19,7 +19,7 @@ from ulogd.protocol import RequestType as T
 from ulogd.transport.unixsock import UnixClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import responders  # noqa: E402
+import responders
 
 UUID = "LVM-responderRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRRR0001"
 Q = struct.Struct("=Q")
@@ -59,6 +59,23 @@ def test_every_request_gets_a_plausible_reply(kind: str, tmp_path: Path) -> None
         assert struct.unpack("=qQ", call(T.GET_RESYNC_WORK).data) == (0, 0)
         assert struct.unpack("=qQ", call(T.IS_REMOTE_RECOVERING, region).data) == (0, 200)
         assert call(T.STATUS_INFO).data.rstrip(b"\0") == b"1 clustered-core"
+
+
+def test_the_c_responder_reads_the_geometry_of_every_table_form(tmp_path: Path) -> None:
+    if responders.build_c_responder() is None:
+        pytest.skip(f"C responder not built: {responders.WHY_NO_C[0]}")
+    path = str(tmp_path / "c.sock")
+    forms = {
+        1: b"204800 integrated_flush clustered-core 2048 nosync\0",
+        2: b"204800 clustered-disk 253:4 512\0",
+    }
+    with responders.serve_unix("c", path), UnixClient(path) as link:
+        for luid, ctr in forms.items():
+            for rtype, data in ((T.CTR, ctr), (T.GET_SYNC_COUNT, b"")):
+                reply = wire.decode_reply(
+                    link.request(wire.encode_request(rtype, uuid=UUID, luid=luid, data=data))
+                )
+            assert Q.unpack(reply.data) == ({1: 100, 2: 400}[luid],)
 
 
 def test_the_c_responder_also_polls_when_told(tmp_path: Path) -> None:

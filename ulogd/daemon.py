@@ -324,7 +324,6 @@ class Daemon:
         next_ping = time.monotonic() + watchdog if watchdog else None
         notify = bool(os.environ.get("NOTIFY_SOCKET"))
         policy = self.poll
-        polling = policy.enabled
         ns = time.monotonic_ns
         poll_from = poll_until = 0  # the open poll window (ns; 0: none)
         schedstat = _open_schedstat() if policy.wants_sample(ns()) else None
@@ -356,7 +355,7 @@ class Daemon:
                     events = sel.select(timeout)
                 for key, _ in events:
                     key.data()
-                if polling and self._sent != sent:
+                if self._sent != sent and policy.mode != "off":
                     now = ns()
                     if policy.wants_sample(now):
                         policy.sample(now, _run_delay(schedstat))
