@@ -117,7 +117,7 @@ class DiskWorker:
                     data = self.device.read(job.nbytes)
                     self.reads += 1
                 else:
-                    self.device.write_extents(job.extents)
+                    self.device.write_extents(job.extents, job.durable)
                     self.writes += 1
                     self.bytes_written += sum(len(chunk) for _, chunk in job.extents)
             except OSError as exc:

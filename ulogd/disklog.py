@@ -38,9 +38,14 @@ device; blocks are independent (a torn write only loses some newer bit values, n
 two regions' histories), which is why writing fewer blocks is as safe as the kernel's
 single-I/O write.
 
-Durability: :meth:`DiskLogDevice.write_extents` returns only after ``fdatasync`` on the open
-device, which on a block device sends a cache flush (the equivalent of the kernel log's
-``REQ_PREFLUSH``) and on a file flushes the file's data. Any failure raises
+Durability: :meth:`DiskLogDevice.write_extents` returns only once the extents are on stable
+storage: each is written with ``RWF_DSYNC`` (one system call per extent; on a block device a
+FUA write, or a write plus a cache flush where the device lacks FUA; on a file the range's
+data and the metadata needed to read it), or, where the kernel refuses that flag, written
+then ``fdatasync``-ed.  ``flush=False`` (a write that only records regions becoming clean:
+see :mod:`ulogd.regionlog`) writes without waiting for the device's cache, as the kernel's
+``disk`` log does for such writes; an O_DIRECT write still reaches the device before the
+call returns. Any failure raises
 :class:`DiskIOError`; the caller must then consider the on-disk state unknown (report the log
 device failed, and write the whole unit again before trusting it).
 
@@ -303,7 +308,7 @@ class LogStore(Protocol):
 
     def read(self, nbytes: int) -> bytes: ...
 
-    def write_extents(self, extents: Iterable[tuple[int, bytes]]) -> None: ...
+    def write_extents(self, extents: Iterable[tuple[int, bytes]], flush: bool = True) -> None: ...
 
     def close(self) -> None: ...
 
@@ -372,6 +377,13 @@ class DiskLogDevice:
         self.direct = direct
         self._lock = threading.Lock()
         self._buf: mmap.mmap | None = None
+        #: write with RWF_DSYNC (False once the kernel refused it: write, then fdatasync)
+        self._dsync = hasattr(os, "RWF_DSYNC")
+        #: system calls that waited for stable storage (RWF_DSYNC writes, fdatasync calls)
+        self.sync_calls = 0
+        #: durable and cached write_extents calls that succeeded
+        self.durable_writes = 0
+        self.cached_writes = 0
 
     @classmethod
     def open(cls, path: str) -> DiskLogDevice:
@@ -467,14 +479,16 @@ class DiskLogDevice:
             finally:
                 view.release()
 
-    def write_extents(self, extents: Iterable[tuple[int, bytes]]) -> None:
-        """Write each aligned extent, then ``fdatasync`` (a cache flush on a block device)."""
+    def write_extents(self, extents: Iterable[tuple[int, bytes]], flush: bool = True) -> None:
+        """Write each aligned extent; with ``flush`` (the default) durably (see the module's
+        docstring), without it as a plain write that may stay in the device's cache."""
         extents = list(extents)
         _check_extents(extents, self.block_size, self.size_bytes, self.path)
         with self._lock:
             fd = self._fileno()
             buf = self._buffer(max((len(d) for _, d in extents), default=0))
             view = memoryview(buf)
+            dsync = flush and self._dsync
             try:
                 for offset, data in extents:
                     length = len(data)
@@ -482,7 +496,19 @@ class DiskLogDevice:
                     done = 0
                     while done < length:
                         try:
-                            n = os.pwritev(fd, [view[done:length]], offset + done)
+                            if dsync:
+                                try:
+                                    n = os.pwritev(
+                                        fd, [view[done:length]], offset + done, os.RWF_DSYNC
+                                    )
+                                    self.sync_calls += 1
+                                except OSError as e:
+                                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                                        raise
+                                    self._dsync = dsync = False  # fdatasync at the end
+                                    continue
+                            else:
+                                n = os.pwritev(fd, [view[done:length]], offset + done)
                         except OSError as e:
                             raise DiskIOError(
                                 e.errno or errno.EIO,
@@ -496,13 +522,19 @@ class DiskLogDevice:
                                 "made no progress",
                             )
                         done += n
-                try:
-                    os.fdatasync(fd)
-                except OSError as e:
-                    raise DiskIOError(
-                        e.errno or errno.EIO,
-                        f"flush of log device {self.path} failed: {e.strerror}",
-                    ) from e
+                if flush and not dsync:
+                    try:
+                        os.fdatasync(fd)
+                        self.sync_calls += 1
+                    except OSError as e:
+                        raise DiskIOError(
+                            e.errno or errno.EIO,
+                            f"flush of log device {self.path} failed: {e.strerror}",
+                        ) from e
+                if flush:
+                    self.durable_writes += 1
+                else:
+                    self.cached_writes += 1
             finally:
                 view.release()
 
@@ -544,7 +576,8 @@ class MemoryDiskLog:
     :meth:`fail_writes` / :meth:`fail_reads` make later calls raise :class:`DiskIOError`
     (optionally after some extents of a write have landed, to model a torn multi-extent
     write). ``writes`` records ``[(offset, length), ...]`` per successful or failed call and
-    ``flushes`` counts completed (durable) writes.
+    ``flushes`` counts completed durable writes, ``cached_writes`` completed writes made with
+    ``flush=False``.
     """
 
     def __init__(
@@ -569,6 +602,7 @@ class MemoryDiskLog:
         self.block_size = block_size
         self.writes: list[list[tuple[int, int]]] = []
         self.flushes = 0
+        self.cached_writes = 0
         self.closed = False
         self._write_error: int | None = None
         self._write_after = 0
@@ -608,7 +642,7 @@ class MemoryDiskLog:
                 )
             return bytes(self.data[:nbytes])
 
-    def write_extents(self, extents: Iterable[tuple[int, bytes]]) -> None:
+    def write_extents(self, extents: Iterable[tuple[int, bytes]], flush: bool = True) -> None:
         extents = list(extents)
         _check_extents(extents, self.block_size, self.size_bytes, self.path)
         with self._lock:
@@ -625,7 +659,10 @@ class MemoryDiskLog:
                 raise DiskIOError(
                     self._write_error, f"flush of log device {self.path} failed (injected)"
                 )
-            self.flushes += 1
+            if flush:
+                self.flushes += 1
+            else:
+                self.cached_writes += 1
 
     def _check_open(self) -> None:
         if self.closed:

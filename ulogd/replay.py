@@ -510,8 +510,8 @@ class _ReplayDevice:
     def read(self, nbytes: int) -> bytes:
         return self.image.store.read(nbytes)
 
-    def write_extents(self, extents: list[tuple[int, bytes]]) -> None:
-        self.image.store.write_extents(extents)
+    def write_extents(self, extents: list[tuple[int, bytes]], flush: bool = True) -> None:
+        self.image.store.write_extents(extents, flush)
 
     def close(self) -> None:
         self.closed = True

@@ -93,7 +93,7 @@ class LogDevice(Protocol):
     rdev: tuple[int, int] | None
 
     def read(self, nbytes: int) -> bytes: ...
-    def write_extents(self, extents: list[tuple[int, bytes]]) -> None: ...
+    def write_extents(self, extents: list[tuple[int, bytes]], flush: bool = True) -> None: ...
     def close(self) -> None: ...
 
 
@@ -127,6 +127,9 @@ class DiskWrite:
     device: LogDevice
     extents: list[tuple[int, bytes]]
     uuid: str
+    #: on stable storage before completion (False: a write that only records clears may
+    #: stay in the device's cache; see ulogd.regionlog)
+    durable: bool = True
 
 
 @dataclass(slots=True)
@@ -981,7 +984,7 @@ class Server:
     ) -> list[Action]:
         """Write the log's changed disk chunks (if any), then reply."""
         rl = entry.log
-        work = rl.take_disk_work()
+        work, durable = rl.take_disk_write()
         if work is False:
             return [self._reply(request, error)]
         if entry.device is None:
@@ -1003,7 +1006,9 @@ class Server:
             return [self._reply(request, error or result)]
 
         return self._io(
-            entry, DiskWrite(self._token(), entry.device, extents, request.uuid), written
+            entry,
+            DiskWrite(self._token(), entry.device, extents, request.uuid, durable),
+            written,
         )
 
     def _save(self, entry: Entry) -> None:

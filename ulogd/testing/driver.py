@@ -49,7 +49,7 @@ class InProcess:
                     if isinstance(action, DiskRead):
                         data = action.device.read(action.nbytes)
                     else:
-                        action.device.write_extents(action.extents)
+                        action.device.write_extents(action.extents, action.durable)
                 except OSError as exc:
                     error = exc
                 actions += self.server.disk_done(action.token, data, error)
