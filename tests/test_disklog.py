@@ -465,15 +465,11 @@ def make_file(path: Path, size: int) -> str:
 
 class IOSpy:
     """Wraps os.preadv/os.pwritev to record (offset, length, buffer address), counts the
-    writes made with ``RWF_DSYNC`` and the ``fdatasync`` calls (``refuse_dsync``: the
-    "kernel" refuses the flag with EOPNOTSUPP)."""
+    writes and the ``fdatasync`` calls."""
 
-    def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, short: int = 0, refuse_dsync: bool = False
-    ) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, short: int = 0) -> None:
         self.calls: list[tuple[str, int, int, int]] = []
         self.syncs = 0
-        self.dsync_writes = 0
         self.plain_writes = 0
         self.short = short
         real_preadv, real_pwritev, real_sync = os.preadv, os.pwritev, os.fdatasync
@@ -487,16 +483,11 @@ class IOSpy:
             self.calls.append(("r", offset, len(view), _address(view)))
             return real_preadv(fd, [view], offset)
 
-        def pwritev(fd: int, buffers: list, offset: int, flags: int = 0) -> int:  # type: ignore[type-arg]
-            if flags & os.RWF_DSYNC and refuse_dsync:
-                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        def pwritev(fd: int, buffers: list, offset: int) -> int:  # type: ignore[type-arg]
             view = cut(buffers[0])
             self.calls.append(("w", offset, len(view), _address(view)))
-            if flags & os.RWF_DSYNC:
-                self.dsync_writes += 1
-            else:
-                self.plain_writes += 1
-            return real_pwritev(fd, [view], offset, flags)
+            self.plain_writes += 1
+            return real_pwritev(fd, [view], offset)
 
         def fdatasync(fd: int) -> None:
             self.syncs += 1
@@ -541,9 +532,7 @@ def test_file_device_write_read_back(
         odd = dev.read(1000)  # not a block multiple: transfer rounded up, result exact
         assert len(odd) == 1000
     spy.assert_aligned(bs)
-    # both writes durable: every transfer with RWF_DSYNC, so no fdatasync is needed
-    assert spy.dsync_writes == len([c for c in spy.calls if c[0] == "w"]) >= 2
-    assert spy.plain_writes == 0 and spy.syncs == 0
+    assert spy.syncs == 2  # both writes durable
     if short:
         assert all(length == spy.short for _, _, length, _ in spy.calls)
         assert len(spy.calls) > 4
@@ -760,37 +749,19 @@ def test_real_eio_from_loop_device_over_failed_filesystem(shut_down_fs, loop_fac
 # Durable and cached writes (issue 17: a clears-only flush does not wait for the cache)
 
 
-def test_a_cached_write_neither_syncs_nor_flags_the_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_cached_write_makes_no_sync_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     regions = 5000
     path = make_file(tmp_path / "log.img", 64 * 1024)
     spy = IOSpy(monkeypatch)
     with DiskLogDevice.open(path) as dev:
         bits = bits_from(regions, {1, 2})
         dev.write_extents(plan_write(bits, regions, None, dev.block_size), flush=False)
-        assert (spy.syncs, spy.dsync_writes, spy.plain_writes) == (0, 0, 1)
+        assert (spy.syncs, spy.plain_writes) == (0, 1)
         assert (dev.sync_calls, dev.cached_writes, dev.durable_writes) == (0, 1, 0)
         assert read_image(dev, regions).clean == bits  # written all the same
         dev.write_extents(plan_write(bits, regions, {0}, dev.block_size))
-        assert (spy.syncs, spy.dsync_writes) == (0, 1)
+        assert (spy.syncs, spy.plain_writes) == (1, 2)
         assert (dev.sync_calls, dev.durable_writes) == (1, 1)
-
-
-def test_a_kernel_without_rwf_dsync_gets_write_then_fdatasync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    regions = 5000
-    path = make_file(tmp_path / "log.img", 64 * 1024)
-    spy = IOSpy(monkeypatch, refuse_dsync=True)
-    with DiskLogDevice.open(path) as dev:
-        bits = bits_from(regions, {3})
-        for _ in range(2):
-            dev.write_extents(plan_write(bits, regions, None, dev.block_size))
-        dev.write_extents(plan_write(bits, regions, None, dev.block_size), flush=False)
-        assert read_image(dev, regions).clean == bits
-    assert spy.dsync_writes == 0 and spy.plain_writes == 3
-    assert spy.syncs == 2  # one per durable write; the cached one none
 
 
 def test_memory_log_counts_durable_and_cached_writes() -> None:
