@@ -13,7 +13,10 @@ about region state — and into *actions* for the caller to perform:
   the reply the kernel is waiting for.
 
 While a log has disk I/O outstanding, further requests for *that* log wait in its queue, so
-each log sees its requests in arrival order; other logs are served meanwhile.
+each log sees its requests in arrival order; other logs are served meanwhile.  The one
+exception is a FLUSH whose write only records clears (not durable, see ulogd.regionlog): it
+is answered together with its :class:`DiskWrite` (*write-behind*), and only the requests that
+may close or hand over the device wait for that write to land.
 
 Policies that are not about region state live here: CTR/DTR and the table of logs; a reload
 (same uuid, new luid) carries the previous instance's region state over when the geometry
@@ -60,6 +63,10 @@ from ulogd.statefile import LogState, MemoryState, StateDir, StateError, file_si
 log = logging.getLogger(__name__)
 
 _CTR = int(T.CTR)  # a plain int: compared on every request
+_FLUSH = int(T.FLUSH)
+#: requests that wait for a log's write-behind (see Server._write_behind) to land: the ones
+#: that may close or hand over its device, or start from what is on it
+_AFTER_BEHIND = frozenset(int(t) for t in (T.DTR, T.PRESUSPEND, T.POSTSUSPEND, T.RESUME, T.CTR))
 #: the kinds of rate-limited lines (see Server.limiter)
 _FOREIGN = "rejected datagram not from the kernel"
 _MALFORMED = "rejected datagram"
@@ -211,6 +218,8 @@ class Entry:
     restored_flags: tuple[bool, bool, bool] | None = None
     #: a restored huge log whose bitmaps are being counted off the event loop
     preparing: bool = False
+    #: write-behind writes (clears only, already answered) not yet landed
+    behind: int = 0
 
     @property
     def waiting(self) -> bool:
@@ -277,6 +286,7 @@ class Server:
         self.layout = layout
         self.logs: dict[tuple[str, int], Entry] = {}
         self._pending: dict[int, tuple[Entry, Continuation]] = {}
+        self._behind: set[int] = set()  # tokens of write-behind writes
         self._next_token = 1
         self._counts: dict[tuple[int, int], int] = {}  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
@@ -334,7 +344,9 @@ class Server:
                     request.luid,
                 )
             return [self._reply(request, p.ESRCH)]
-        if entry.waiting:
+        if entry.waiting or (
+            entry.behind and (entry.queue or request.request_type in _AFTER_BEHIND)
+        ):
             entry.queue.append(request)
             return []
         return self._dispatch(entry, request)
@@ -346,7 +358,11 @@ class Server:
             return self.prepared(token, data, error)
         assert error is None or isinstance(error, OSError)
         entry, continuation = self._pending.pop(token)
-        entry.busy = False
+        if token in self._behind:
+            self._behind.discard(token)
+            entry.behind -= 1
+        else:
+            entry.busy = False
         return continuation(data, error) + self._drain(entry)
 
     def prepared(self, token: int, result: Any, error: BaseException | None) -> list[Action]:
@@ -356,6 +372,8 @@ class Server:
     def _drain(self, entry: Entry) -> list[Action]:
         actions: list[Action] = []
         while not entry.waiting and entry.queue:
+            if entry.behind and entry.queue[0].request_type in _AFTER_BEHIND:
+                break
             actions += self._dispatch(entry, entry.queue.popleft())
         return actions
 
@@ -991,6 +1009,8 @@ class Server:
             return [self._reply(request, rl.disk_written(False))]
         chunks = None if work is None or work is True else work
         extents = disklog.plan_write(rl.clean, rl.region_count, chunks, entry.device.block_size)
+        if not durable and request.request_type == _FLUSH and entry.group is None:
+            return self._write_behind(entry, request, extents, error)
 
         def written(_data: bytes | None, exc: OSError | None) -> list[Action]:
             if exc is not None:
@@ -1010,6 +1030,40 @@ class Server:
             DiskWrite(self._token(), entry.device, extents, request.uuid, durable),
             written,
         )
+
+    def _write_behind(
+        self, entry: Entry, request: wire.Request, extents: list[tuple[int, bytes]], error: int
+    ) -> list[Action]:
+        """A FLUSH whose write only records clears: answered at once, written behind it.
+
+        A lost clear costs only a needless resync (see ulogd.regionlog), so the kernel need not
+        wait for it.  The write is queued before the reply goes out, on the worker that does
+        this device's writes in order, so a later durable write lands after it; requests that
+        may close or hand over the device (:data:`_AFTER_BEHIND`) wait until it has landed.
+        If it fails, the log is marked failed and its next flush writes the whole unit
+        durably (and answers for it)."""
+        assert entry.device is not None
+        rl = entry.log
+        token = self._token()
+
+        def landed(_data: bytes | None, exc: OSError | None) -> list[Action]:
+            if exc is not None:
+                log.error(
+                    "%s FLUSH: writing the cleared regions to the log device failed: %s; the "
+                    "next flush writes the whole log",
+                    tag(request.uuid),
+                    exc,
+                    extra=about(request.key),
+                )
+                rl.disk_written(False)
+                self._save(entry)
+            return []
+
+        entry.behind += 1
+        self._behind.add(token)
+        self._pending[token] = (entry, landed)
+        write = DiskWrite(token, entry.device, extents, request.uuid, durable=False)
+        return [write, self._reply(request, error)]
 
     def _save(self, entry: Entry) -> None:
         if entry.log.scalars_changed:
