@@ -13,7 +13,8 @@ Three measurements, each alternating with its baseline every round (medians over
 2. **the hand-off** to the disk worker thread (``daemon.DiskWorker``: queue, thread wake-up,
    completion through the ``eventfd``) for the same write on a memory device, vs calling the
    device inline;
-3. **the whole cycle** through a running ``dm-ulogd run --transport unix:PATH --poll off``:
+3. **the whole cycle** through a running ``dm-ulogd run --transport unix:PATH`` (``--poll off``
+   and ``adaptive``):
    MARK, FLUSH, CLEAR, FLUSH per write (one request in flight) on a ``clustered-disk`` log
    on the loop device vs the same on a ``clustered-core`` log of the same daemon: the disk
    log's cost ratio (the kernel's ``disk`` / ``core`` ratio is measured in QEMU by
@@ -167,7 +168,7 @@ def hand_off(writes: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def cycles(loop_dev: str, writes: int, rounds: int) -> dict[str, Any]:
+def cycles(loop_dev: str, writes: int, rounds: int, poll: str = "off") -> dict[str, Any]:
     """Seconds per MARK+FLUSH+CLEAR+FLUSH through a daemon, clustered-disk vs -core."""
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
     workdir = Path(tempfile.mkdtemp(prefix="ulogd-bench-durable-", dir=shm))
@@ -186,7 +187,7 @@ def cycles(loop_dev: str, writes: int, rounds: int) -> dict[str, Any]:
         assert reply.error == 0, (rtype, reply)
 
     try:
-        with transport_latency.daemon(workdir, None, "off") as (path, _pid):
+        with transport_latency.daemon(workdir, None, poll) as (path, _pid):
             client = UnixClient(path)
             tables = {
                 1: f"{regions * 1024} clustered-core 1024 nosync",
@@ -236,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     if loop_ok:
         with loop_device() as dev:
             result["device"] = device_writes(dev, args.writes, args.rounds)
-        with loop_device() as dev:
-            result["cycle"] = cycles(dev, max(args.writes // 4, 10), args.rounds)
+        for poll in ("off", "adaptive"):
+            with loop_device() as dev:
+                result[f"cycle-{poll}"] = cycles(dev, max(args.writes // 4, 10), args.rounds, poll)
     else:
         result["loop_skipped"] = "losetup --sector-size does not work here"
     print(
@@ -255,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             ratio = d["to_two_syscalls"][k]
             rows.append((f"512 B loop write: {k}", f"{d['us'][k]:.1f}",
                          f"pwritev+fdatasync {base:.1f}", f"{ratio:.2f}"))  # fmt: skip
-        c = result["cycle"]
-        core, disk = c["us"]["core"], c["us"]["disk"]
-        rows.append(("MARK+FLUSH+CLEAR+FLUSH, clustered-disk", f"{disk:.1f}",
-                     f"clustered-core {core:.1f}", f"{c['disk_to_core']:.2f}"))  # fmt: skip
+        for poll in ("off", "adaptive"):
+            c = result[f"cycle-{poll}"]
+            core, disk = c["us"]["core"], c["us"]["disk"]
+            rows.append((f"MARK+FLUSH+CLEAR+FLUSH, clustered-disk, --poll {poll}", f"{disk:.1f}",
+                         f"clustered-core {core:.1f}", f"{c['disk_to_core']:.2f}"))  # fmt: skip
     else:
         print(f"loop device legs skipped: {result['loop_skipped']}")
     print(common.table(("", "us", "baseline (same run) us", "ratio"), rows))

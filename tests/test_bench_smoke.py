@@ -70,6 +70,18 @@ def test_disk_flush(tmp_path: Path) -> None:
     assert mem["bytes_ratio"] < 1 / 100
 
 
+def test_durable_path(tmp_path: Path) -> None:
+    data = run_quick("durable_path", tmp_path)
+    hand_off = data["hand_off"]["us"]
+    assert hand_off["worker"] > 0 and hand_off["inline"] > 0
+    if "loop_skipped" not in data:
+        assert set(data["device"]["us"]) == {
+            "pwritev+fdatasync", "pwritev(RWF_DSYNC)", "durable write_extents", "cached pwritev"
+        }  # fmt: skip
+        for poll in ("off", "adaptive"):
+            assert data[f"cycle-{poll}"]["disk_to_core"] > 0
+
+
 def test_fio_analysis_on_a_made_up_result() -> None:
     sys.path.insert(0, str(BENCH))
     try:
