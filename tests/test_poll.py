@@ -79,16 +79,45 @@ def test_the_window_is_bounded() -> None:
     assert p.budget == poll.MIN_NS
 
 
+def reply(p: PollPolicy, think: int, wake: int = 40 * US) -> bool:
+    """What the loop does after one reply when the next request comes ``think`` ns later
+    (``think + wake`` when the loop blocked and had to be woken); whether it polled."""
+    budget = p.window()
+    if budget and think <= budget:
+        p.arrived(think)
+    elif budget:
+        p.expired(budget)
+        p.blocked(think + wake)
+    else:
+        p.blocked(think + wake)
+    return budget > 0
+
+
 def test_bursts_ending_in_an_empty_window_keep_polling() -> None:
     """A write's requests hit, the last window of each burst expires: polling goes on."""
     p = adaptive()
+    polled = 0
     for _ in range(100):
         for _ in range(5):
-            assert p.window() > 0
-            p.arrived(30 * US)
-        assert p.window() > 0
-        p.expired(p.budget)
-    assert p.cooldown == 0 and p.hits == 500 and p.expiries == 100
+            polled += reply(p, 30 * US)
+        polled += reply(p, 10 * MS)  # the next write comes much later
+    assert polled >= 0.9 * 600 and p.pays is True
+    assert p.cooldown == 0 and p.hits > 400
+
+
+def test_polling_that_does_not_shorten_the_gaps_stops() -> None:
+    """The peer shares our core: spinning delays it as much as a wake-up would cost."""
+    p = adaptive()
+    polled = [reply(p, 60 * US, wake=0) for _ in range(2000)]
+    assert p.pays is not True  # False, or None while it measures again after a cooldown
+    assert sum(polled[-1000:]) < 0.1 * 1000  # mostly cooled down by then
+
+
+def test_a_too_short_first_window_learns_from_the_gaps_it_missed() -> None:
+    p = adaptive()
+    polled = [reply(p, 700 * US) for _ in range(50)]
+    assert p.budget >= 1400 * US and sum(polled[-10:]) >= 8  # (one may be a probe)
+    assert p.hits >= 40
 
 
 def test_windows_that_keep_expiring_stop_polling_for_a_while() -> None:
@@ -101,26 +130,26 @@ def test_windows_that_keep_expiring_stop_polling_for_a_while() -> None:
     assert p.window() == poll.START_NS  # the probe after the cooldown
 
 
-def test_the_cooldown_doubles_while_polling_keeps_failing_and_resets_after_a_hit() -> None:
+def test_the_cooldown_doubles_while_windows_keep_expiring_and_resets_once_polling_pays() -> None:
     p = adaptive()
 
-    def miss_then_count_blocked() -> int:
-        """MISSES empty windows (the first already open), then the replies that block."""
-        for i in range(poll.MISSES):
-            if i:
-                assert p.window() > 0
-            p.expired(p.budget)
-        blocked = 0
-        while p.window() == 0:  # the call that returns > 0 opens the probe's window
-            blocked += 1
-        return blocked
+    def expire_until_cooldown() -> int:
+        while not p.cooldown:
+            if p.window():
+                p.expired(p.budget)
+                p.blocked(poll.MAX_NS + 1)  # idle after it: nothing learnt
+        return p.cooldown
 
-    p.window()
-    assert miss_then_count_blocked() == poll.COOLDOWN_MIN
-    assert miss_then_count_blocked() == 2 * poll.COOLDOWN_MIN
-    p.arrived(50 * US)  # the probe pays
-    p.window()
-    assert miss_then_count_blocked() == poll.COOLDOWN_MIN
+    assert expire_until_cooldown() == poll.COOLDOWN_MIN
+    while p.window() == 0:
+        pass
+    p.expired(p.budget)
+    assert expire_until_cooldown() == 2 * poll.COOLDOWN_MIN
+    p.cooldown = 0
+    for _ in range(200):  # polling pays: gaps of 30 us polled, 70 us blocked
+        reply(p, 30 * US)
+    assert p.pays is True
+    assert expire_until_cooldown() == poll.COOLDOWN_MIN
 
 
 def test_the_cooldown_is_bounded() -> None:
@@ -172,3 +201,47 @@ def test_describe_says_the_state() -> None:
     p.arrived(10 * US)
     assert p.describe().startswith("poll adaptive (on, window 200 us, 1 hits")
     assert PollPolicy(PollSetting("fixed", 40)).describe() == "poll 40us"
+
+
+def test_a_gap_it_blocked_through_grows_the_window_to_catch_the_next() -> None:
+    """A window too short for this host (an emulated CPU) learns from the gaps it missed."""
+    p = adaptive()
+    assert p.window() == poll.START_NS
+    p.expired(poll.START_NS)
+    p.blocked(700 * US)  # the request came 700 us after the reply
+    assert p.window() == 1400 * US
+
+
+def test_idle_gaps_teach_nothing() -> None:
+    p = adaptive()
+    p.blocked(poll.MAX_NS + 1)
+    p.blocked(5 * 1000 * MS)
+    assert p.budget == poll.START_NS
+
+
+def test_a_gap_longer_than_the_window_that_failed_ends_the_cooldown() -> None:
+    p = adaptive()
+    for _ in range(poll.MISSES - 1):
+        p.window()
+        p.expired(p.budget)
+        p.blocked(poll.MAX_NS + 1)
+    p.window()
+    p.expired(p.budget)
+    assert p.cooldown == poll.COOLDOWN_MIN
+    p.blocked(400 * US)  # the request came just after: the window was too short
+    assert p.cooldown == 0 and p.window() == 800 * US
+
+
+def test_a_short_gap_after_blocking_teaches_nothing_about_the_window() -> None:
+    p = adaptive()
+    p.window()
+    p.expired(p.budget)
+    p.blocked(50 * US)  # a window of this size would have caught it: not too short
+    assert p.budget == poll.START_NS // 2
+
+
+def test_off_and_fixed_learn_nothing_from_gaps() -> None:
+    for setting in (PollSetting("off"), PollSetting("fixed", 30)):
+        p = PollPolicy(setting)
+        p.blocked(500 * US)
+        assert p.window() == (0 if setting.mode == "off" else 30 * US)

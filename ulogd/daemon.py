@@ -326,6 +326,7 @@ class Daemon:
         policy = self.poll
         ns = time.monotonic_ns
         poll_from = poll_until = 0  # the open poll window (ns; 0: none)
+        replied = 0  # when the last turn that replied ended, while no event came since (ns)
         schedstat = _open_schedstat() if policy.wants_sample(ns()) else None
         try:
             while not self._stop:
@@ -347,12 +348,16 @@ class Daemon:
                         pass
                     if events:
                         policy.arrived(ns() - poll_from)
+                        replied = 0
                     else:
                         policy.expired(now - poll_from)
                         events = sel.select(timeout)
                     poll_until = 0
                 else:
                     events = sel.select(timeout)
+                if replied and events:
+                    policy.blocked(ns() - replied)
+                    replied = 0
                 for key, _ in events:
                     key.data()
                 if self._sent != sent and policy.mode != "off":
@@ -360,6 +365,7 @@ class Daemon:
                     if policy.wants_sample(now):
                         policy.sample(now, _run_delay(schedstat))
                     budget = policy.window(self._drained)
+                    replied = now
                     if budget:
                         poll_from, poll_until = now, now + budget
                 if self.cluster is not None:

@@ -22,9 +22,17 @@ tested without sleeping.  Modes (:class:`PollSetting`, the ``poll`` setting):
   - the window starts at :data:`START_NS` and grows to twice the longest wait that still
     found a request (bounded by :data:`MAX_NS`); every empty window halves it (down to
     :data:`MIN_NS`), so it settles around the gaps inside the bursts;
-  - after :data:`MISSES` empty windows in a row polling stops paying: the next
-    ``cooldown`` replies block (64 at first, doubling up to 4096 while probes keep failing,
-    back to 64 after a probe finds a request);
+  - the loop also reports the gaps it did not poll through (:meth:`PollPolicy.blocked`: it
+    blocked after a reply, and the next event came ``gap`` ns later): a gap a window of up to
+    :data:`MAX_NS` would have caught grows the window to twice it, and ends a cooldown, so a
+    window that started too short for this host (a slow emulated CPU) learns the right size;
+  - after :data:`MISSES` empty windows in a row the next ``cooldown`` replies block (64 at
+    first, doubling up to 4096 while it keeps happening, back to 64 once polling pays);
+  - it checks that polling pays: it keeps the moving averages of the gaps from a reply to
+    the next event with a window and without one (one reply in :data:`PROBE_EVERY` blocks
+    to measure the latter; so do the cooldowns); when the polled gaps are not at least 10 %
+    shorter (:data:`PAYS`) — the peer is slowed by the spinning itself, e.g. both share a
+    core — it cools down the same way;
   - a wake-up that found :data:`QUEUED` or more requests waiting means requests pile up
     (many writes or logs in flight): no window that time, the next request is not a wake-up
     away;
@@ -53,6 +61,12 @@ COOLDOWN_MIN = 64
 COOLDOWN_MAX = 4096
 #: datagrams found waiting in one wake-up from which requests are deemed to pile up
 QUEUED = 4
+#: every so many windows one reply blocks instead (to keep measuring what blocking costs)
+PROBE_EVERY = 16
+#: gaps of each kind needed before comparing them, and how much shorter the polled ones must
+#: be for polling to pay
+SAMPLES = 8
+PAYS = 0.9
 #: how often the run-queue delay is sampled (ns) and the share of wall time above which the
 #: CPU counts as contended
 SAMPLE_NS = 100_000_000
@@ -109,6 +123,14 @@ class PollPolicy:
         self.contended = False
         self._sample_at = 0  # when the next run-queue sample is due (ns; 0: now)
         self._last_sample: tuple[int, int] | None = None  # (now, run delay)
+        self._expired = False  # the last window passed empty (the next gap is still its own)
+        self._until_probe = PROBE_EVERY
+        #: reply -> next event gaps (<= MAX_NS), moving averages and counts, with and without
+        #: a window: polling pays when it shortens them
+        self.gap_polled = 0
+        self.gap_blocked = 0
+        self.n_polled = 0
+        self.n_blocked = 0
         # counters (status, benchmarks)
         self.windows = 0
         self.hits = 0
@@ -119,10 +141,18 @@ class PollPolicy:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    @property
+    def pays(self) -> bool | None:
+        """Whether polling shortens the gaps (None: not enough of both kinds seen yet)."""
+        if self.n_polled < SAMPLES or self.n_blocked < SAMPLES:
+            return None
+        return self.gap_polled <= PAYS * self.gap_blocked
+
     # ------------------------------------------------------------------ the loop asks
     def window(self, queued: int = 1) -> int:
         """The window after a reply (ns; 0: block).  ``queued``: datagrams the last
         wake-up found waiting."""
+        self._expired = False
         if self.mode == "fixed":
             self.windows += 1
             return self._fixed
@@ -130,6 +160,17 @@ class PollPolicy:
             return 0
         if self.cooldown:
             self.cooldown -= 1
+            return 0
+        pays = self.pays
+        if pays is False:
+            self._cool_down()
+            self.n_polled = 0  # measured again after the cooldown
+            return 0
+        if pays:
+            self._next_cooldown = COOLDOWN_MIN
+        self._until_probe -= 1
+        if not self._until_probe:  # keep measuring what blocking costs
+            self._until_probe = PROBE_EVERY
             return 0
         self.windows += 1
         return self.budget
@@ -146,8 +187,8 @@ class PollPolicy:
         if self.mode != "adaptive":
             return
         self.misses = 0
-        self._next_cooldown = COOLDOWN_MIN
         self.budget = min(MAX_NS, max(self.budget, 2 * waited))
+        self._note(waited, polled=True)
 
     def expired(self, waited: int) -> None:
         """The window passed empty after ``waited`` ns."""
@@ -155,13 +196,42 @@ class PollPolicy:
         self.polled_ns += waited
         if self.mode != "adaptive":
             return
+        self._expired = True
         self.budget = max(MIN_NS, self.budget // 2)
         self.misses += 1
         if self.misses >= MISSES:
             self.misses = 0
-            self.cooldown = self._next_cooldown
-            self._next_cooldown = min(COOLDOWN_MAX, 2 * self._next_cooldown)
+            self._cool_down()
             self.budget = START_NS
+
+    def blocked(self, gap: int) -> None:
+        """The loop blocked after a reply (no window, or it expired) and the next event came
+        ``gap`` ns after the reply."""
+        if self.mode != "adaptive" or gap > MAX_NS:
+            return  # an idle gap: nothing to learn
+        if self._expired:
+            self._expired = False
+            self._note(gap, polled=True)
+            wanted = min(MAX_NS, 2 * gap)
+            if wanted > self.budget:  # the window was too short, not useless
+                self.budget = wanted
+                self.misses = 0
+                if self.cooldown and self.pays is not False:
+                    self.cooldown = 0
+        else:
+            self._note(gap, polled=False)
+
+    def _note(self, gap: int, polled: bool) -> None:
+        if polled:
+            self.gap_polled += (gap - self.gap_polled) // 8 if self.n_polled else gap
+            self.n_polled += 1
+        else:
+            self.gap_blocked += (gap - self.gap_blocked) // 8 if self.n_blocked else gap
+            self.n_blocked += 1
+
+    def _cool_down(self) -> None:
+        self.cooldown = self._next_cooldown
+        self._next_cooldown = min(COOLDOWN_MAX, 2 * self._next_cooldown)
 
     def sample(self, now: int, run_delay: int | None) -> None:
         """The loop thread's cumulated run-queue delay (ns) at ``now``; None: unknown."""
