@@ -99,12 +99,12 @@ def analyse(result: dict[str, Any], depths: list[int]) -> dict[str, Any]:
                     [s["loop_us_per_datagram"] or 0 for s in stats]
                 )
                 entry[dev]["by_type"] = stats[-1]["by_type"]
-                entry[dev]["daemon_busy_fraction"] = common.median(
-                    [
-                        s["requests"] * (s["loop_us_per_datagram"] or 0) / 1e6 / s["wall_s"]
-                        for s in stats
-                    ]
-                )
+                busy = [
+                    s["requests"] * (s["loop_us_per_datagram"] or 0) / 1e6 / s["wall_s"]
+                    for s in stats
+                    if s["wall_s"]
+                ]
+                entry[dev]["daemon_busy_fraction"] = common.median(busy) if busy else 0.0
         if "ulogd-disk" in entry and "disk" in entry:
             ud = _ratio(per_round, "ulogd-disk", "ulogd")
             kd = _ratio(per_round, "disk", "core")
