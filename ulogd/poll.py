@@ -22,10 +22,11 @@ tested without sleeping.  Modes (:class:`PollSetting`, the ``poll`` setting):
   - the window starts at :data:`START_NS` and grows to twice the longest wait that still
     found a request (bounded by :data:`MAX_NS`); every empty window halves it (down to
     :data:`MIN_NS`), so it settles around the gaps inside the bursts;
-  - the loop also reports the gaps it did not poll through (:meth:`PollPolicy.blocked`: it
-    blocked after a reply, and the next event came ``gap`` ns later): a gap a window of up to
-    :data:`MAX_NS` would have caught grows the window to twice it, and ends a cooldown, so a
-    window that started too short for this host (a slow emulated CPU) learns the right size;
+  - the loop also reports the gaps it blocked through (:meth:`PollPolicy.blocked`: after a
+    reply, with no window or one that expired, the next event came ``gap`` ns later); when
+    a window expired and the request came soon after (within :data:`MAX_NS`) the window was
+    too short, not useless: it grows to twice the gap and that miss ends a cooldown, so a
+    window that started too short for this host (a slow emulated CPU) learns its size;
   - after :data:`MISSES` empty windows in a row the next ``cooldown`` replies block (64 at
     first, doubling up to 4096 while it keeps happening, back to 64 once polling pays);
   - it checks that polling pays: it keeps the moving averages of the gaps from a reply to
