@@ -15,6 +15,8 @@ Builds, on loop devices over files in the guest's tmpfs (128 MiB legs, 256 regio
   host; skipped when it was not built);
 * ``py`` — the ``clustered-core`` table served by ``naive_responder.py``: the stateless
   blocking stdlib loop;
+* (after every server start, a 3 s fio warm-up leg on its first device, not counted: under
+  TCG a new process's code is translated again, and its first seconds are slow)
 * ``ulogd`` / ``ulogd-if`` / ``ulogd-disk`` — ``clustered-core``, the same with
   ``integrated_flush``, and ``clustered-disk``, served by ulogd with adaptive polling, and
   each again as ``...-off`` with polling off (the same daemon and mirror: the wrapper
@@ -160,6 +162,7 @@ class Servers:
         self.daemon: Daemon | None = Daemon()
         self.current: tuple[str, Responder] | None = None
         self.restarts = 0
+        self.starts = 1  # server processes started (ulogd is, already)
 
     def use(self, group: str) -> Daemon | Responder | None:
         """Make the server of ``group`` (``c``, ``py``, ``ulogd`` or ``kernel``) run."""
@@ -173,10 +176,12 @@ class Servers:
                     self.daemon = None
                 argv, tables = self.responders[group]
                 self.current = (group, Responder(argv, tables))
+                self.starts += 1
             return self.current[1]
         if group == "ulogd" and self.daemon is None:
             self.daemon = Daemon()
             self.restarts += 1
+            self.starts += 1
         return self.daemon if group == "ulogd" else None
 
     def stop(self) -> None:
@@ -308,7 +313,15 @@ def main() -> int:
             for group in order[rnd % len(order) :] + order[: rnd % len(order)]:
                 legs = groups[group]
                 legs = legs[rnd % len(legs) :] + legs[: rnd % len(legs)]
+                before_use = servers.starts
                 server = servers.use(group)
+                if servers.starts != before_use:
+                    # A process just started: under TCG its code is translated again (a new
+                    # address space), so its first seconds are slow; warm it up, uncounted.
+                    warm = legs[0].removesuffix("-off")
+                    result.setdefault("warmups", []).append(
+                        {"round": rnd, "device": warm, **fio(f"/dev/mapper/bench-{warm}", 1, 3)}
+                    )
                 for name in legs:
                     device = name.removesuffix("-off")
                     if isinstance(server, Daemon):
