@@ -245,3 +245,21 @@ def test_off_and_fixed_learn_nothing_from_gaps() -> None:
         p = PollPolicy(setting)
         p.blocked(500 * US)
         assert p.window() == (0 if setting.mode == "off" else 30 * US)
+
+
+def test_polling_that_slows_the_writers_stops_even_when_their_gaps_exceed_any_window() -> None:
+    """Under emulation the kernel's next request may come 3 ms after a reply, later than any
+    window; a spinning loop that takes the CPU from the writers makes those gaps longer
+    still (4 ms) than when it blocks and pays its wake-up (3 ms): polling must stop."""
+    p = adaptive()
+    polled = []
+    for _ in range(3000):
+        budget = p.window()
+        polled.append(budget > 0)
+        if budget:
+            p.expired(budget)
+            p.blocked(4 * MS)
+        else:
+            p.blocked(3 * MS)
+    assert p.pays is not True
+    assert sum(polled[-1500:]) < 0.05 * 1500

@@ -29,11 +29,12 @@ tested without sleeping.  Modes (:class:`PollSetting`, the ``poll`` setting):
     window that started too short for this host (a slow emulated CPU) learns its size;
   - after :data:`MISSES` empty windows in a row the next ``cooldown`` replies block (64 at
     first, doubling up to 4096 while it keeps happening, back to 64 once polling pays);
-  - it checks that polling pays: it keeps the moving averages of the gaps from a reply to
-    the next event with a window and without one (one reply in :data:`PROBE_EVERY` blocks
-    to measure the latter; so do the cooldowns); when the polled gaps are not at least 10 %
-    shorter (:data:`PAYS`) — the peer is slowed by the spinning itself, e.g. both share a
-    core — it cools down the same way;
+  - it checks that polling pays: it keeps the medians of the last gaps from a reply to the
+    next event (up to :data:`IDLE_NS`, even those no window covers) with a window and
+    without one (one reply in :data:`PROBE_EVERY` blocks to measure the latter; so do the
+    cooldowns); when the polled gaps are not at least 10 % shorter (:data:`PAYS`) — the
+    peer is slowed by the spinning itself, e.g. both share a core, or an emulated CPU — it
+    cools down the same way;
   - a wake-up that found :data:`QUEUED` or more requests waiting means requests pile up
     (many writes or logs in flight): no window that time, the next request is not a wake-up
     away;
@@ -48,6 +49,7 @@ An idle daemon never polls: a window opens only after a reply and ends at most
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 
@@ -62,6 +64,12 @@ COOLDOWN_MIN = 64
 COOLDOWN_MAX = 4096
 #: datagrams found waiting in one wake-up from which requests are deemed to pile up
 QUEUED = 4
+#: a gap longer than this after a reply is idleness, not the next request of a write: it
+#: teaches nothing.  Shorter ones all count, even those no window covers: a spinning loop
+#: that takes the CPU from the writers shows as longer gaps there (an emulated CPU).
+IDLE_NS = 50_000_000
+#: gaps of each kind kept for the medians
+GAPS_KEPT = 33
 #: every so many windows one reply blocks instead (to keep measuring what blocking costs)
 PROBE_EVERY = 16
 #: gaps of each kind needed before comparing them, and how much shorter the polled ones must
@@ -126,12 +134,18 @@ class PollPolicy:
         self._last_sample: tuple[int, int] | None = None  # (now, run delay)
         self._expired = False  # the last window passed empty (the next gap is still its own)
         self._until_probe = PROBE_EVERY
-        #: reply -> next event gaps (<= MAX_NS), moving averages and counts, with and without
-        #: a window: polling pays when it shortens them
+        #: the last reply -> next event gaps (<= IDLE_NS) with a window and without one, and
+        #: their medians (recomputed every SAMPLES new gaps): polling pays when it shortens
+        #: them.  Medians, not means: a write's burst of short gaps and the long gap before
+        #: the next write must not blur into one average.
+        self._gaps: dict[bool, collections.deque[int]] = {
+            True: collections.deque(maxlen=GAPS_KEPT),
+            False: collections.deque(maxlen=GAPS_KEPT),
+        }
+        self._fresh = 0
         self.gap_polled = 0
         self.gap_blocked = 0
-        self.n_polled = 0
-        self.n_blocked = 0
+        self._pays: bool | None = None
         # counters (status, benchmarks)
         self.windows = 0
         self.hits = 0
@@ -145,9 +159,15 @@ class PollPolicy:
     @property
     def pays(self) -> bool | None:
         """Whether polling shortens the gaps (None: not enough of both kinds seen yet)."""
-        if self.n_polled < SAMPLES or self.n_blocked < SAMPLES:
-            return None
-        return self.gap_polled <= PAYS * self.gap_blocked
+        return self._pays
+
+    @property
+    def n_polled(self) -> int:
+        return len(self._gaps[True])
+
+    @property
+    def n_blocked(self) -> int:
+        return len(self._gaps[False])
 
     # ------------------------------------------------------------------ the loop asks
     def window(self, queued: int = 1) -> int:
@@ -165,7 +185,8 @@ class PollPolicy:
         pays = self.pays
         if pays is False:
             self._cool_down()
-            self.n_polled = 0  # measured again after the cooldown
+            self._gaps[True].clear()  # measured again after the cooldown
+            self._pays = None
             return 0
         if pays:
             self._next_cooldown = COOLDOWN_MIN
@@ -208,13 +229,13 @@ class PollPolicy:
     def blocked(self, gap: int) -> None:
         """The loop blocked after a reply (no window, or it expired) and the next event came
         ``gap`` ns after the reply."""
-        if self.mode != "adaptive" or gap > MAX_NS:
+        if self.mode != "adaptive" or gap > IDLE_NS:
             return  # an idle gap: nothing to learn
         if self._expired:
             self._expired = False
             self._note(gap, polled=True)
-            wanted = min(MAX_NS, 2 * gap)
-            if wanted > self.budget:  # the window was too short, not useless
+            wanted = 2 * gap
+            if self.budget < wanted <= MAX_NS:  # the window was too short, not useless
                 self.budget = wanted
                 self.misses = 0
                 if self.cooldown and self.pays is not False:
@@ -223,12 +244,18 @@ class PollPolicy:
             self._note(gap, polled=False)
 
     def _note(self, gap: int, polled: bool) -> None:
-        if polled:
-            self.gap_polled += (gap - self.gap_polled) // 8 if self.n_polled else gap
-            self.n_polled += 1
-        else:
-            self.gap_blocked += (gap - self.gap_blocked) // 8 if self.n_blocked else gap
-            self.n_blocked += 1
+        self._gaps[polled].append(gap)
+        self._fresh += 1
+        if self._fresh < SAMPLES:
+            return
+        self._fresh = 0
+        polled_gaps, blocked_gaps = self._gaps[True], self._gaps[False]
+        if len(polled_gaps) < SAMPLES or len(blocked_gaps) < SAMPLES:
+            self._pays = None
+            return
+        self.gap_polled = sorted(polled_gaps)[len(polled_gaps) // 2]
+        self.gap_blocked = sorted(blocked_gaps)[len(blocked_gaps) // 2]
+        self._pays = self.gap_polled <= PAYS * self.gap_blocked
 
     def _cool_down(self) -> None:
         self.cooldown = self._next_cooldown
