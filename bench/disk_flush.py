@@ -8,9 +8,11 @@ A ``clustered-disk`` log of 2^20 regions (nosync) is driven in process
 daemon's disk worker would) with the kernel's request sequence for single 4 KiB writes to
 random regions: MARK_REGION, FLUSH, CLEAR_REGION, FLUSH.  A wrapper around the log device
 counts the bytes and extents each FLUSH writes and times each write (including its
-``fdatasync``).  The baseline is what cmirrord does on every flush: write the whole on-disk
-unit (header + the full bitmap, ``disklog.plan_write(..., chunks=None)``), issued on the same
-device and timed the same way, alternating with the ulogd rounds.
+``fdatasync``), and whether it waited for stable storage (the MARK's FLUSH does, the CLEAR's
+does not: ``durable_per_flush`` is 0.5).  The baseline is what cmirrord does on every flush:
+write the whole on-disk unit (header + the full bitmap,
+``disklog.plan_write(..., chunks=None)``), issued on the same device and timed the same way,
+alternating with the ulogd rounds.
 
 Devices: ``disklog.MemoryDiskLog`` with 512-byte blocks (bytes only, no real I/O), and, when
 ``losetup --sector-size`` works here, loop devices over files on ``/dev/shm`` with 512 and
@@ -55,17 +57,19 @@ class Counting:
         self.size_bytes: int = inner.size_bytes
         self.rdev: tuple[int, int] | None = inner.rdev
         self.writes: list[tuple[int, int, float]] = []  # (bytes, extents, seconds)
+        self.durable: list[bool] = []  # per write: waited for stable storage
 
     def read(self, nbytes: int) -> bytes:
         data: bytes = self.inner.read(nbytes)
         return data
 
-    def write_extents(self, extents: list[tuple[int, bytes]]) -> None:
+    def write_extents(self, extents: list[tuple[int, bytes]], flush: bool = True) -> None:
         t0 = time.perf_counter()
-        self.inner.write_extents(extents)
+        self.inner.write_extents(extents, flush)
         self.writes.append(
             (sum(len(d) for _, d in extents), len(extents), time.perf_counter() - t0)
         )
+        self.durable.append(flush)
 
     def close(self) -> None:
         pass  # the benchmark closes the real device itself
@@ -122,8 +126,10 @@ def drive(device: Counting, writes: int, rounds: int, seed: int = 5) -> dict[str
             assert d.flush().error == 0
             flushes += 2
         done = device.writes[start:]
+        durable = device.durable[start:]
         ulogd_rounds.append(
             {
+                "durable_per_flush": sum(durable) / flushes,
                 "bytes_per_flush": sum(w[0] for w in done) / flushes,
                 "extents_per_flush": sum(w[1] for w in done) / flushes,
                 "seconds_per_flush": common.median([w[2] for w in done]) if done else 0.0,

@@ -46,9 +46,11 @@ def test_request_path(tmp_path: Path) -> None:
 
 def test_transport_latency(tmp_path: Path) -> None:
     data = run_quick("transport_latency", tmp_path)
-    for who in ("daemon", "echo"):
+    for who in ("daemon-off", "daemon-adaptive", "echo"):
         assert 0 < data[who]["p50_us"] <= data[who]["p99_us"] < 1e6
-    assert data["ratio_p50_us"] > 0
+        assert 0 < data[who]["cpu_us_per_request"] < 1e6
+    assert data["daemon-adaptive_to_echo"]["p50_us"] > 0
+    assert data["adaptive_to_off"]["cpu_us_per_request"] > 0
 
 
 def test_scale(tmp_path: Path) -> None:
@@ -68,6 +70,18 @@ def test_disk_flush(tmp_path: Path) -> None:
     assert mem["bytes_ratio"] < 1 / 100
 
 
+def test_durable_path(tmp_path: Path) -> None:
+    data = run_quick("durable_path", tmp_path)
+    hand_off = data["hand_off"]["us"]
+    assert hand_off["worker"] > 0 and hand_off["inline"] > 0
+    if "loop_skipped" not in data:
+        assert set(data["device"]["us"]) == {
+            "pwritev+fdatasync", "pwritev(RWF_DSYNC)", "durable write_extents", "cached pwritev"
+        }  # fmt: skip
+        for poll in ("off", "adaptive"):
+            assert data[f"cycle-{poll}"]["disk_to_core"] > 0
+
+
 def test_fio_analysis_on_a_made_up_result() -> None:
     sys.path.insert(0, str(BENCH))
     try:
@@ -82,18 +96,33 @@ def test_fio_analysis_on_a_made_up_result() -> None:
         "by_type": {"IN_SYNC": 200},
         "wall_s": 1.0,
     }
+    iops = {
+        "linear": 300, "core": 200, "disk": 100, "c": 150, "c-if": 160, "py": 90,
+        "ulogd-off": 80, "ulogd": 100, "ulogd-if-off": 100, "ulogd-if": 120,
+        "ulogd-disk-off": 40, "ulogd-disk": 60,
+    }  # fmt: skip
     legs = []
     for rnd in range(3):
-        for dev, iops in (("linear", 300), ("core", 200), ("ulogd", 100), ("ulogd-if", 120)):
-            leg: dict[str, Any] = {"round": rnd, "depth": 1, "device": dev, "iops": iops + rnd}
+        for dev, n in iops.items():
+            leg: dict[str, Any] = {"round": rnd, "depth": 1, "device": dev, "iops": n + rnd}
+            leg["ios"] = 10 * n
+            if dev not in ("linear", "core", "disk"):
+                leg["server_cpu_s"] = 0.5
             if dev.startswith("ulogd"):
                 leg["ulogd"] = stats
             legs.append(leg)
-    out = fio_qemu.analyse({"legs": legs}, [1])
-    assert out["1"]["core"]["to_core"] == 1.0
-    assert out["1"]["ulogd"]["to_core"] == pytest.approx(101 / 201)
-    assert out["1"]["ulogd"]["requests_per_write"] == 6.0
-    assert out["1"]["ulogd"]["daemon_busy_fraction"] == pytest.approx(0.06)
+    out = fio_qemu.analyse({"legs": legs}, [1])["1"]
+    assert out["core"]["to_core"] == 1.0
+    assert out["ulogd"]["to_core"] == pytest.approx(101 / 201)
+    assert out["ulogd"]["to_c"] == pytest.approx(101 / 151)
+    assert out["ulogd-if"]["to_c"] == pytest.approx(121 / 161)  # to the C responder's -if
+    assert out["ulogd"]["adaptive_to_off"] == pytest.approx(101 / 81)
+    assert out["ulogd"]["cpu_s_per_1000_writes"] == pytest.approx(0.5)
+    assert out["core"]["cpu_s_per_1000_writes"] is None
+    assert out["ulogd"]["requests_per_write"] == 6.0
+    assert out["ulogd"]["daemon_busy_fraction"] == pytest.approx(0.06)
+    assert out["disk_to_core"]["kernel"] == pytest.approx(101 / 201)
+    assert out["disk_to_core"]["ulogd"] == pytest.approx(61 / 101)
 
 
 def test_huge_log_stall(tmp_path: Path) -> None:

@@ -242,3 +242,24 @@ def test_the_file_of_the_old_name_is_read_when_the_new_one_is_absent(
     assert s.cluster == "corosync" and s.source == str(new)  # the same settings: the new file
     old.unlink()
     assert config.resolve(None, {}).source == str(new)
+
+
+def test_poll_defaults_to_off_and_reads_every_mode(tmp_path: Path) -> None:
+    assert Settings().poll == "off"
+    assert config.load(write(tmp_path, 'poll = "off"\n')).poll == "off"
+    assert config.load(write(tmp_path, 'poll = "250us"\n')).poll == "250us"
+    assert config.load(write(tmp_path, "poll = 80\n")).poll == "80us"
+    assert config.merge(Settings(), {"poll": "300"}).poll == "300us"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('poll = "often"\n', "is not 'off', 'adaptive' or a budget"),
+        ("poll = true\n", "must be 'off', 'adaptive' or a budget"),
+        ("poll = 1000000\n", "above 100000 us"),
+    ],
+)
+def test_bad_poll_values_name_line_and_key(tmp_path: Path, text: str, reason: str) -> None:
+    err = error_of(tmp_path, text)
+    assert (err.line, err.key) == (1, "poll") and reason in err.reason

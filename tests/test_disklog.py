@@ -464,11 +464,13 @@ def make_file(path: Path, size: int) -> str:
 
 
 class IOSpy:
-    """Wraps os.preadv/os.pwritev to record (offset, length, buffer address)."""
+    """Wraps os.preadv/os.pwritev to record (offset, length, buffer address), counts the
+    writes and the ``fdatasync`` calls."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, short: int = 0) -> None:
         self.calls: list[tuple[str, int, int, int]] = []
         self.syncs = 0
+        self.plain_writes = 0
         self.short = short
         real_preadv, real_pwritev, real_sync = os.preadv, os.pwritev, os.fdatasync
 
@@ -484,6 +486,7 @@ class IOSpy:
         def pwritev(fd: int, buffers: list, offset: int) -> int:  # type: ignore[type-arg]
             view = cut(buffers[0])
             self.calls.append(("w", offset, len(view), _address(view)))
+            self.plain_writes += 1
             return real_pwritev(fd, [view], offset)
 
         def fdatasync(fd: int) -> None:
@@ -529,7 +532,7 @@ def test_file_device_write_read_back(
         odd = dev.read(1000)  # not a block multiple: transfer rounded up, result exact
         assert len(odd) == 1000
     spy.assert_aligned(bs)
-    assert spy.syncs == 2
+    assert spy.syncs == 2  # both writes durable
     if short:
         assert all(length == spy.short for _, _, length, _ in spy.calls)
         assert len(spy.calls) > 4
@@ -740,3 +743,30 @@ def test_real_eio_from_loop_device_over_failed_filesystem(shut_down_fs, loop_fac
         with pytest.raises(DiskIOError) as exc:
             write_image(dev, bits, regions)
         assert exc.value.errno == errno.EIO and node in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Durable and cached writes (issue 17: a clears-only flush does not wait for the cache)
+
+
+def test_a_cached_write_makes_no_sync_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    regions = 5000
+    path = make_file(tmp_path / "log.img", 64 * 1024)
+    spy = IOSpy(monkeypatch)
+    with DiskLogDevice.open(path) as dev:
+        bits = bits_from(regions, {1, 2})
+        dev.write_extents(plan_write(bits, regions, None, dev.block_size), flush=False)
+        assert (spy.syncs, spy.plain_writes) == (0, 1)
+        assert (dev.sync_calls, dev.cached_writes, dev.durable_writes) == (0, 1, 0)
+        assert read_image(dev, regions).clean == bits  # written all the same
+        dev.write_extents(plan_write(bits, regions, {0}, dev.block_size))
+        assert (spy.syncs, spy.plain_writes) == (1, 2)
+        assert (dev.sync_calls, dev.durable_writes) == (1, 1)
+
+
+def test_memory_log_counts_durable_and_cached_writes() -> None:
+    store = MemoryDiskLog(4096)
+    store.write_extents([(0, bytes(512))])
+    store.write_extents([(512, b"\1" * 512)], flush=False)
+    assert (store.flushes, store.cached_writes, len(store.writes)) == (1, 1, 2)
+    assert store.data[512] == 1

@@ -181,6 +181,42 @@ def test_disk_work_names_the_changed_chunks_only() -> None:
     assert rl.disk_written(False) == p.EIO and rl.take_disk_work() is None
 
 
+def test_a_write_that_records_marks_is_durable_one_of_clears_only_is_not() -> None:
+    rl = make(b"16777216 clustered-disk 7:2 2 nosync")
+    rl.load_disk(None, 0, read_failed=False)
+    assert rl.take_disk_write() == (None, True)  # the whole unit: always durable
+    rl.mark(A, [5])
+    assert rl.take_disk_write() == ({0}, True)  # a region goes dirty: durable
+    rl.clear(A, [5])
+    assert rl.take_disk_write() == ({0}, False)  # only a clear: may stay in the cache
+    rl.mark(A, [6, 4096 * 2])
+    rl.clear(A, [6])
+    assert rl.take_disk_write() == ({0, 2}, True)  # a clear and a mark together: durable
+    rl.mark(A, [7])
+    rl.clear(A, [7])  # marked and cleared again before the write: durable (conservative)
+    assert rl.take_disk_write() == ({0}, True)
+
+
+def test_a_region_losing_sync_makes_the_next_write_durable() -> None:
+    rl = make(b"16777216 clustered-disk 7:2 2 nosync")
+    rl.load_disk(None, 0, read_failed=False)
+    rl.take_disk_work()
+    assert rl.set_region_sync(A, 9, False) == 0  # the kernel's write to one leg failed
+    assert rl.take_disk_write() == ({0}, True)
+
+
+def test_after_a_failed_cached_write_everything_is_written_durably() -> None:
+    rl = make(b"16777216 clustered-disk 7:2 2 nosync")
+    rl.load_disk(None, 0, read_failed=False)
+    rl.take_disk_work()
+    rl.mark(A, [1])
+    rl.take_disk_work()
+    rl.clear(A, [1])
+    assert rl.take_disk_write() == ({0}, False)
+    assert rl.disk_written(False) == p.EIO
+    assert rl.take_disk_write() == (None, True)
+
+
 def test_status_strings() -> None:
     assert make().status_info() == "1 clustered-core"
     assert make().status_table() == "clustered-core 64  "

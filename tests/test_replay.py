@@ -444,8 +444,8 @@ def test_disk_log_recreated_reads_back_what_the_replay_wrote(tmp_path: Path) -> 
         def read(self, n: int) -> bytes:
             return store.read(n)
 
-        def write_extents(self, extents: list[tuple[int, bytes]]) -> None:
-            store.write_extents(extents)
+        def write_extents(self, extents: list[tuple[int, bytes]], flush: bool = True) -> None:
+            store.write_extents(extents, flush)
 
         def close(self) -> None:
             pass

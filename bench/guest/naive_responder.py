@@ -6,10 +6,16 @@ MARK/CLEAR/FLUSH succeed without recording anything.  It is *not* a dirty log â€
 every mark, which is only harmless on a ``nosync`` mirror that is never recovered â€” and exists
 to show, in the same run, what the round trips themselves cost a Python process under TCG
 (the issue's "naive stdlib responder").  ``python3 naive_responder.py`` runs until SIGTERM.
+
+``--unix PATH`` serves the same datagrams over a Unix datagram socket instead (ulogd's test
+transport), replying to each sender: the smoke test and ``bench/transport_latency.py`` use
+it natively.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import struct
@@ -26,14 +32,23 @@ IS_REMOTE_RECOVERING = 17
 
 
 def main() -> int:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
-    sock.bind((0, 1 << (CN_IDX_DM - 1)))
-    sock.setsockopt(270, 1, CN_IDX_DM)  # SOL_NETLINK, NETLINK_ADD_MEMBERSHIP
+    if len(sys.argv) > 2 and sys.argv[1] == "--unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sys.argv[2])
+        sock.bind(sys.argv[2])
+    else:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+        sock.bind((0, 1 << (CN_IDX_DM - 1)))
+        sock.setsockopt(270, 1, CN_IDX_DM)  # SOL_NETLINK, NETLINK_ADD_MEMBERSHIP
+    peer: object = (0, 0)  # the kernel (netlink port 0), or the last Unix sender
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     geometry: dict[int, tuple[int, int]] = {}  # luid -> (region size, region count)
     print("naive responder ready", flush=True)
     while True:
-        data = sock.recv(65536)
+        data, peer = sock.recvfrom(65536)
+        if sock.family == socket.AF_NETLINK:
+            peer = (0, 0)
         if len(data) < NLMSG_HDR.size + CN_MSG.size + REQ.size:
             continue
         cn_off = NLMSG_HDR.size
@@ -62,7 +77,7 @@ def main() -> int:
         req = REQ.pack(luid, uuid, version, 0, rseq, rtype, len(out)) + out
         cn = CN_MSG.pack(idx, val, seq, ack, len(req), flags)
         nl = NLMSG_HDR.pack(NLMSG_HDR.size + len(cn) + len(req), 3, 0, 0, 0)  # NLMSG_DONE
-        sock.sendto(nl + cn + req, (0, 0))
+        sock.sendto(nl + cn + req, peer)
 
 
 if __name__ == "__main__":

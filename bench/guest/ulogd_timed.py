@@ -8,7 +8,11 @@ exactly as ``python3 -m ulogd ...`` would, with three additions for the benchmar
   ``perf_counter_ns``; counts and total nanoseconds per request type are kept;
 * ``SIGUSR2`` writes those counters as JSON to STATS_FILE (the caller takes deltas);
 * ``SIGRTMIN+1`` toggles cProfile over the daemon's thread; turning it off writes the top
-  functions to PROFILE_FILE.
+  functions to PROFILE_FILE;
+* ``SIGRTMIN+2`` / ``SIGRTMIN+3`` switch the running daemon's polling to ``off`` /
+  ``adaptive`` (a fresh policy each time), so both are measured on the same daemon and
+  mirrors without a restart; start it with ``--poll adaptive`` (the loop only asks the
+  policy when it started enabled).
 
 If the netlink transport's socket is left unbound by the installed pyroute2 (seen with 0.9.7,
 see captures/scenarios.sh), it is bound here; a no-op otherwise.
@@ -66,6 +70,31 @@ def timed_on_transport(self: daemon.Daemon) -> None:
 
 daemon.Daemon._on_transport = timed_on_transport  # type: ignore[method-assign]
 
+running: list[daemon.Daemon] = []
+wanted: list[str] = []  # the last mode asked for (a signal may come before run())
+_run = daemon.Daemon.run
+
+
+def run_and_remember(self: daemon.Daemon) -> None:
+    from ulogd.edges.poll import PollSetting
+
+    running.append(self)
+    if wanted:
+        self.poll.__init__(PollSetting(wanted[-1]))  # type: ignore[misc]
+    _run(self)
+
+
+daemon.Daemon.run = run_and_remember  # type: ignore[method-assign]
+
+
+def set_poll(mode: str) -> None:
+    from ulogd.edges.poll import PollSetting
+
+    wanted.append(mode)
+    for d in running:
+        d.poll.__init__(PollSetting(mode))  # type: ignore[misc]
+    print(f"ulogd_timed: poll {mode}", file=sys.stderr, flush=True)
+
 
 def dump_stats(*_: object) -> None:
     data = {
@@ -73,6 +102,7 @@ def dump_stats(*_: object) -> None:
         "receive_ns": {str(k): v for k, v in nanos.items()},
         "loop": dict(loop),
         "time": time.monotonic(),
+        "poll": [d.poll.describe() for d in running],
     }
     with open(STATS + ".new", "w") as fh:
         json.dump(data, fh)
@@ -100,6 +130,8 @@ def toggle_profile(*_: object) -> None:
 
 signal.signal(signal.SIGUSR2, dump_stats)
 signal.signal(signal.SIGRTMIN + 1, toggle_profile)
+signal.signal(signal.SIGRTMIN + 2, lambda *_: set_poll("off"))
+signal.signal(signal.SIGRTMIN + 3, lambda *_: set_poll("adaptive"))
 
 _init = netlink.NetlinkTransport.__init__
 

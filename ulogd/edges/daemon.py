@@ -19,6 +19,11 @@ select timeout is the nearest one.  The server's housekeeping runs every
 :data:`HOUSEKEEPING_INTERVAL` seconds (retrying the removal of destroyed logs' files, and
 logging the rate limits' "suppressed N similar lines" summaries once their window is over).
 
+Polling (:mod:`ulogd.edges.poll`): after a turn that sent a reply the loop may keep polling (a
+zero-timeout ``select`` over the same descriptors, so a disk completion or a cluster message
+ends the window too) for the window :class:`~ulogd.edges.poll.PollPolicy` returns, instead of
+blocking at once: the kernel's next request of the same write then finds the loop running.
+
 Capture (``--capture``) records each datagram as it crosses the transport, in both
 directions, through a buffered writer that never blocks the reply path.
 """
@@ -44,6 +49,7 @@ from typing import Any, Protocol
 
 from ulogd.edges.capture import Direction
 from ulogd.edges.counters import Metrics
+from ulogd.edges.poll import PollPolicy, PollSetting
 from ulogd.edges.transport import Transport
 from ulogd.engine.actions import (
     Action,
@@ -121,7 +127,7 @@ class DiskWorker:
                     data = self.device.read(job.nbytes)
                     self.reads += 1
                 else:
-                    self.device.write_extents(job.extents)
+                    self.device.write_extents(job.extents, job.durable)
                     self.writes += 1
                     self.bytes_written += sum(len(chunk) for _, chunk in job.extents)
             except OSError as exc:
@@ -174,6 +180,7 @@ class Daemon:
         *,
         run_dir: Path | None = None,
         capture: Any | None = None,
+        poll: PollSetting | None = None,
     ) -> None:
         self.server = server
         self.transport = transport
@@ -203,6 +210,11 @@ class Daemon:
         self._timer_order = itertools.count()
         self.call_every(HOUSEKEEPING_INTERVAL, self.housekeeping)
         self._status_sent: str | None = None  # the last STATUS= told to systemd
+        #: what decides the poll window after a reply (off unless told: ``dm-ulogd run``
+        #: passes the ``poll`` setting, adaptive by default)
+        self.poll = PollPolicy(poll or PollSetting("off"))
+        self._sent = 0  # replies sent (a turn that sent one may open a poll window)
+        self._drained = 0  # datagrams the last transport wake-up found
 
     # ------------------------------------------------------------------ extension hooks
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -301,7 +313,10 @@ class Daemon:
         self._status_sent = self.status_text()
         sd_notify(f"READY=1\nSTATUS={self._status_sent}")
         log.info(
-            "ready: %d log(s) restored, serving over %s", len(self.server.logs), self.transport.name
+            "ready: %d log(s) restored, serving over %s (%s)",
+            len(self.server.logs),
+            self.transport.name,
+            self.poll.describe(),
         )
 
     # ------------------------------------------------------------------ loop
@@ -318,6 +333,11 @@ class Daemon:
         watchdog = _watchdog_interval()
         next_ping = time.monotonic() + watchdog if watchdog else None
         notify = bool(os.environ.get("NOTIFY_SOCKET"))
+        policy = self.poll
+        ns = time.monotonic_ns
+        poll_from = poll_until = 0  # the open poll window (ns; 0: none)
+        replied = 0  # when the last turn that replied ended, while no event came since (ns)
+        schedstat = _open_schedstat() if policy.wants_sample(ns()) else None
         try:
             while not self._stop:
                 timeout = self._run_timers()
@@ -330,8 +350,34 @@ class Daemon:
                     wait = self.cluster.timeout()
                     if wait is not None:
                         timeout = wait if timeout is None else min(timeout, wait)
-                for key, _ in sel.select(timeout):
+                sent = self._sent
+                if poll_until:
+                    # The poll window: spin on a zero-timeout select until something is
+                    # ready or the window is over (then block as usual).
+                    while not (events := sel.select(0)) and (now := ns()) < poll_until:
+                        pass
+                    if events:
+                        policy.arrived(ns() - poll_from)
+                        replied = 0
+                    else:
+                        policy.expired(now - poll_from)
+                        events = sel.select(timeout)
+                    poll_until = 0
+                else:
+                    events = sel.select(timeout)
+                if replied and events:
+                    policy.blocked(ns() - replied)
+                    replied = 0
+                for key, _ in events:
                     key.data()
+                if self._sent != sent and policy.mode != "off":
+                    now = ns()
+                    if policy.wants_sample(now):
+                        policy.sample(now, _run_delay(schedstat))
+                    budget = policy.window(self._drained)
+                    replied = now
+                    if budget:
+                        poll_from, poll_until = now, now + budget
                 if self.cluster is not None:
                     self.cluster.tick()
                 if notify:
@@ -344,6 +390,8 @@ class Daemon:
             for s, h in previous.items():
                 signal.signal(s, h)
             sel.unregister(rsig)
+            if schedstat is not None:
+                os.close(schedstat)
             os.close(rsig)
             os.close(wsig)
             self._shutdown()
@@ -368,7 +416,9 @@ class Daemon:
         execute = self._execute
         capture = self.capture
         clock = time.perf_counter_ns
+        drained = 0
         while (item := self.transport.recv()) is not None:
+            drained += 1
             started = clock()
             data, port = item
             if capture is not None:
@@ -382,6 +432,7 @@ class Daemon:
                 continue
             if actions:
                 execute(actions, started)
+        self._drained = drained
 
     def _on_disk_done(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -405,6 +456,7 @@ class Daemon:
         released by disk I/O count from the arrival of the request that started the I/O."""
         for action in actions:
             if isinstance(action, Send):
+                self._sent += 1
                 try:
                     self.transport.send(action.data)
                 except OSError as exc:
@@ -504,7 +556,12 @@ class Daemon:
 
     def dump(self) -> None:
         lines = self.server.dump(time.time())
-        log.warning("state of %d log(s), %d datagrams served:", len(lines), self.served)
+        log.warning(
+            "state of %d log(s), %d datagrams served; %s:",
+            len(lines),
+            self.served,
+            self.poll.describe(),
+        )
         for line in lines:
             log.warning("  %s", line)
 
@@ -550,6 +607,24 @@ def sd_notify(message: str) -> None:
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
     ):
         sock.sendto(message.encode(), address)
+
+
+def _open_schedstat() -> int | None:
+    """The loop thread's ``schedstat`` (run time, run-queue delay, slices), kept open."""
+    try:
+        return os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _run_delay(fd: int | None) -> int | None:
+    """The loop thread's cumulated run-queue delay in ns (None: not available)."""
+    if fd is None:
+        return None
+    try:
+        return int(os.pread(fd, 128, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _watchdog_interval() -> float | None:

@@ -26,7 +26,7 @@ class LogDevice(Protocol):
     rdev: tuple[int, int] | None
 
     def read(self, nbytes: int) -> bytes: ...
-    def write_extents(self, extents: list[tuple[int, bytes]]) -> None: ...
+    def write_extents(self, extents: list[tuple[int, bytes]], flush: bool = True) -> None: ...
     def close(self) -> None: ...
 
 
@@ -60,6 +60,9 @@ class DiskWrite:
     device: LogDevice
     extents: list[tuple[int, bytes]]
     uuid: str
+    #: on stable storage before completion (False: a write that only records clears may
+    #: stay in the device's cache; see ulogd.state.regionlog)
+    durable: bool = True
 
 
 @dataclass(slots=True)

@@ -34,7 +34,7 @@ class SyncRunner:
         return action.device.read(action.nbytes)
 
     def write(self, action: DiskWrite) -> None:
-        action.device.write_extents(action.extents)
+        action.device.write_extents(action.extents, action.durable)
 
     def other(self, action: Action) -> None:
         """An action this runner does not perform (Join, ClusterSend, Leave, Cycle)."""

@@ -13,7 +13,10 @@ about region state — and into *actions* for the caller to perform:
   the reply the kernel is waiting for.
 
 While a log has disk I/O outstanding, further requests for *that* log wait in its queue, so
-each log sees its requests in arrival order; other logs are served meanwhile.
+each log sees its requests in arrival order; other logs are served meanwhile.  The one
+exception is a FLUSH whose write only records clears (not durable, see ulogd.state.regionlog):
+it is answered together with its :class:`DiskWrite` (*write-behind*), and only the requests
+that may close or hand over the device wait for that write to land.
 
 Policies that are not about region state live here and in its life cycle
 (:mod:`ulogd.engine.lifecycle`: CTR, DTR, suspend, resume, restore, reloads): a request that
@@ -72,6 +75,10 @@ from ulogd.state.statefile import LogState, MemoryState, StateDir
 log = logging.getLogger(__name__)
 
 _CTR = int(T.CTR)  # a plain int: compared on every request
+_FLUSH = int(T.FLUSH)
+#: requests that wait for a log's write-behind (see Server._write_behind) to land: the ones
+#: that may close or hand over its device, or start from what is on it
+_AFTER_BEHIND = frozenset(int(t) for t in (T.DTR, T.PRESUSPEND, T.POSTSUSPEND, T.RESUME, T.CTR))
 #: the kinds of rate-limited lines (see Server.limiter)
 _FOREIGN = "rejected datagram not from the kernel"
 _MALFORMED = "rejected datagram"
@@ -125,6 +132,7 @@ class Server(LifeCycle):
         self.layout = layout
         self.logs: dict[tuple[str, int], Entry] = {}
         self._pending: dict[int, tuple[Entry, Continuation]] = {}
+        self._behind: set[int] = set()  # tokens of write-behind writes
         self._next_token = 1
         self._counts: dict[tuple[int, int], int] = {}  # (type, error) → replies
         self.rejected: Counter[str] = Counter()
@@ -171,7 +179,9 @@ class Server(LifeCycle):
                     request.luid,
                 )
             return [self._reply(request, p.ESRCH)]
-        if entry.waiting:
+        if entry.waiting or (
+            entry.behind and (entry.queue or request.request_type in _AFTER_BEHIND)
+        ):
             entry.queue.append(request)
             return []
         return self._dispatch(entry, request)
@@ -183,7 +193,11 @@ class Server(LifeCycle):
             return self.prepared(token, data, error)
         assert error is None or isinstance(error, OSError)
         entry, continuation = self._pending.pop(token)
-        entry.busy = False
+        if token in self._behind:
+            self._behind.discard(token)
+            entry.behind -= 1
+        else:
+            entry.busy = False
         return continuation(data, error) + self._drain(entry)
 
     def prepared(self, token: int, result: Any, error: BaseException | None) -> list[Action]:
@@ -193,6 +207,8 @@ class Server(LifeCycle):
     def _drain(self, entry: Entry) -> list[Action]:
         actions: list[Action] = []
         while not entry.waiting and entry.queue:
+            if entry.behind and entry.queue[0].request_type in _AFTER_BEHIND:
+                break
             actions += self._dispatch(entry, entry.queue.popleft())
         return actions
 
@@ -345,13 +361,15 @@ class Server(LifeCycle):
     ) -> list[Action]:
         """Write the log's changed disk chunks (if any), then reply."""
         rl = entry.log
-        work = rl.take_disk_work()
+        work, durable = rl.take_disk_write()
         if work is False:
             return [self._reply(request, error)]
         if entry.device is None:
             return [self._reply(request, rl.disk_written(False))]
         chunks = None if work is None or work is True else work
         extents = disklog.plan_write(rl.clean, rl.region_count, chunks, entry.device.block_size)
+        if not durable and request.request_type == _FLUSH and entry.group is None:
+            return self._write_behind(entry, request, extents, error)
 
         def written(_data: bytes | None, exc: OSError | None) -> list[Action]:
             if exc is not None:
@@ -367,8 +385,44 @@ class Server(LifeCycle):
             return [self._reply(request, error or result)]
 
         return self._io(
-            entry, DiskWrite(self._token(), entry.device, extents, request.uuid), written
+            entry,
+            DiskWrite(self._token(), entry.device, extents, request.uuid, durable),
+            written,
         )
+
+    def _write_behind(
+        self, entry: Entry, request: wire.Request, extents: list[tuple[int, bytes]], error: int
+    ) -> list[Action]:
+        """A FLUSH whose write only records clears: answered at once, written behind it.
+
+        A lost clear costs only a needless resync (see ulogd.state.regionlog), so the kernel
+        need not wait for it.  The write is queued before the reply goes out, on the worker
+        that does this device's writes in order, so a later durable write lands after it;
+        requests that may close or hand over the device (:data:`_AFTER_BEHIND`) wait until it
+        has landed.  If it fails, the log is marked failed and its next flush writes the whole
+        unit durably (and answers for it)."""
+        assert entry.device is not None
+        rl = entry.log
+        token = self._token()
+
+        def landed(_data: bytes | None, exc: OSError | None) -> list[Action]:
+            if exc is not None:
+                log.error(
+                    "%s FLUSH: writing the cleared regions to the log device failed: %s; the "
+                    "next flush writes the whole log",
+                    tag(request.uuid),
+                    exc,
+                    extra=about(request.key),
+                )
+                rl.disk_written(False)
+                self._save(entry)
+            return []
+
+        entry.behind += 1
+        self._behind.add(token)
+        self._pending[token] = (entry, landed)
+        write = DiskWrite(token, entry.device, extents, request.uuid, durable=False)
+        return [write, self._reply(request, error)]
 
     def _save(self, entry: Entry) -> None:
         if entry.log.scalars_changed:

@@ -45,6 +45,8 @@ class Entry:
     restored_flags: tuple[bool, bool, bool] | None = None
     #: a restored huge log whose bitmaps are being counted off the event loop
     preparing: bool = False
+    #: write-behind writes (clears only, already answered) not yet landed
+    behind: int = 0
 
     @property
     def waiting(self) -> bool:

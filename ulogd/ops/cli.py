@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster mode (default off)",
     )
     run.add_argument(
+        "--poll",
+        metavar="MODE",
+        default=None,
+        help="after a reply keep polling the socket: 'off' (default), 'adaptive' or a fixed "
+        "budget in microseconds ('250'); see dm-ulogd(8) and docs/operations.rst",
+    )
+    run.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         default=None,
@@ -211,7 +218,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(str(run_dir), args.json, args.watch, args.interval, args.count, args.wide)
 
 
-_SETTINGS = ("run_dir", "log_level", "capture", "transport", "node_id", "cluster", "metrics_listen")
+_SETTINGS = (
+    "run_dir",
+    "log_level",
+    "capture",
+    "transport",
+    "node_id",
+    "cluster",
+    "metrics_listen",
+    "poll",
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -346,7 +362,10 @@ def _build_daemon(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     daemon_box: list[Daemon] = []
     try:
         transport = open_transport(args.transport, reply_seq_offset=layout.offsets["seq"])
-        daemon = Daemon(server, transport, run_dir=run_dir)
+        from ulogd.edges.poll import PollSetting
+
+        poll = PollSetting.parse(getattr(args, "poll", None) or "off")
+        daemon = Daemon(server, transport, run_dir=run_dir, poll=poll)
         daemon_box.append(daemon)
         daemon.lock_run_dir()
         from ulogd.ops.control import attach_services

@@ -164,7 +164,7 @@ class _ReplayRunner(SyncRunner):
 
     def write(self, action: DiskWrite) -> None:
         device = action.device
-        device.write_extents(action.extents)
+        device.write_extents(action.extents, action.durable)
         if isinstance(device, _ReplayDevice):
             device.image.unknown = self.key is None or self.key in self.replayer.taint
 
@@ -187,8 +187,8 @@ class _ReplayDevice:
     def read(self, nbytes: int) -> bytes:
         return self.image.store.read(nbytes)
 
-    def write_extents(self, extents: list[tuple[int, bytes]]) -> None:
-        self.image.store.write_extents(extents)
+    def write_extents(self, extents: list[tuple[int, bytes]], flush: bool = True) -> None:
+        self.image.store.write_extents(extents, flush)
 
     def close(self) -> None:
         self.closed = True

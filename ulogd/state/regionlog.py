@@ -26,7 +26,12 @@ daemon crash) and may be longer than ``region_count`` (rounded up to whole words
 
 Disk logs: every clean-bit change records its 4096-region *chunk*; FLUSH and POSTSUSPEND hand
 the changed chunks to the caller to write (:meth:`take_disk_work`), and the caller reports the
-outcome (:meth:`disk_written`).  RESUME of a disk log that has not been loaded asks the caller
+outcome (:meth:`disk_written`).  **A disk write must be durable (on stable storage before the
+FLUSH is answered) when it records a region going dirty, or rewrites the whole unit; one that
+only records regions becoming clean may stay in the device's volatile cache**: a lost mark
+would let a crash skip the resync of a region being written, a lost clear only costs a
+needless resync (the kernel's own ``disk`` log flushes the device cache on the same rule).
+:meth:`take_disk_write` says which.  RESUME of a disk log that has not been loaded asks the caller
 for the on-disk image (:meth:`resume` returns ``NEEDS_DISK``) and applies it in
 :meth:`load_disk` with the kernel ``disk`` log's rules.
 
@@ -230,6 +235,8 @@ class RegionLog:
         self.disk_loaded = False
         self.disk_failed = False
         self.dirty_chunks: set[int] = set()
+        #: a clean bit went 1 -> 0 since the last write was handed out: that write is durable
+        self.marks_unwritten = False
         self.full_write = self.has_disk  # a write must cover header and whole bitmap
         #: set whenever a field in :class:`Scalars` changes; the owner clears it after saving
         self.scalars_changed = True
@@ -345,6 +352,8 @@ class RegionLog:
             self.clean[r] = value
             if self.has_disk:
                 self.dirty_chunks.add(r >> CHUNK_SHIFT)
+                if not value:
+                    self.marks_unwritten = True
 
     def _lose_sync(self, r: int) -> None:
         """Region ``r`` must be recovered: not in sync, not clean, found again by the scan."""
@@ -593,6 +602,7 @@ class RegionLog:
         """
         if not self.has_disk:
             return False
+        self.marks_unwritten = False
         if self.full_write:
             self.full_write = False
             self.dirty_chunks = set()
@@ -601,6 +611,12 @@ class RegionLog:
             return False
         chunks, self.dirty_chunks = self.dirty_chunks, set()
         return chunks
+
+    def take_disk_write(self) -> tuple[set[int] | bool | None, bool]:
+        """:meth:`take_disk_work` and whether that write must be durable: it rewrites the
+        whole unit or records a region going dirty (see the module's docstring)."""
+        durable = self.full_write or self.marks_unwritten
+        return self.take_disk_work(), durable
 
     def disk_written(self, ok: bool) -> int:
         if ok:
