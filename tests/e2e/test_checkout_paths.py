@@ -35,8 +35,9 @@ def test_a_checkout_under_tmp_runs_its_command() -> None:
     qemu.prepare()  # the artefacts exist before the copy borrows them
     with tempfile.TemporaryDirectory(prefix="ulogd-checkout-", dir="/tmp") as tmp:
         copy = Path(tmp)
-        for pkg in ("ulogd", "cpg"):
+        for pkg in ("ulogd", "cpg", "tests/harness"):  # the product and the QEMU harness
             shutil.copytree(qemu.REPO / pkg, copy / pkg)
+        shutil.copy(qemu.REPO / "tests" / "__init__.py", copy / "tests" / "__init__.py")
         (copy / ".cache").mkdir()
         (copy / ".cache" / "qemu").symlink_to(qemu.CACHE.resolve())
         env = dict(os.environ, PYTHONPATH=str(copy))
