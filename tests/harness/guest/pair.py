@@ -463,16 +463,10 @@ def survivor(sc: Scenario, node: int, uuid: str) -> None:
     event("done")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--node", type=int, required=True, choices=NODES)
-    parser.add_argument("--role", required=True, choices=["victim", "survivor"])
-    parser.add_argument("--uuid", required=True)
-    parser.add_argument("--budget", type=float, default=900)
-    parser.add_argument("--systemd", action="store_true", help="run corosync and ulogd by units")
-    args = parser.parse_args()
-    global SYSTEMD
-    SYSTEMD = args.systemd
+def run_scenario(name: str, body: Callable[[Scenario], None], budget: float) -> int:
+    """Run one guest scenario of a pair: ``result.json`` and the artefacts (corosync's logs;
+    under systemd the unit's journal as ``ulogd.log``), a watchdog that saves and powers off
+    after ``budget`` seconds, ``failed: ...`` on the events port; returns the exit status."""
     run_dir = Path(os.environ.get("ULOGD_RUN", "."))
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     report = Report(run_dir / "result.json")
@@ -491,19 +485,35 @@ def main() -> int:
         os.sync()
 
     def watchdog() -> None:
-        time.sleep(args.budget)
+        time.sleep(budget)
         event("failed: guest watchdog")
         save()
         Path("/proc/sysrq-trigger").write_text("o\n")
 
     threading.Thread(target=watchdog, daemon=True).start()
-    with report.scenario(f"pair-{args.role}") as sc:
-        (victim if args.role == "victim" else survivor)(sc, args.node, args.uuid)
+    with report.scenario(name) as sc:
+        body(sc)
     failed = [s.name for s in report.scenarios if not s.ok]
     if failed:
         event(f"failed: {report.scenarios[-1].error or 'checks failed'}")
     save()
     return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--node", type=int, required=True, choices=NODES)
+    parser.add_argument("--role", required=True, choices=["victim", "survivor"])
+    parser.add_argument("--uuid", required=True)
+    parser.add_argument("--budget", type=float, default=900)
+    parser.add_argument("--systemd", action="store_true", help="run corosync and ulogd by units")
+    args = parser.parse_args()
+    global SYSTEMD
+    SYSTEMD = args.systemd
+    role = victim if args.role == "victim" else survivor
+    return run_scenario(
+        f"pair-{args.role}", lambda sc: role(sc, args.node, args.uuid), args.budget
+    )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,7 +45,6 @@ from dmlib import (
     Daemon,
     Loop,
     Mirror,
-    Report,
     Scenario,
     Writer,
     compare_legs,
@@ -56,13 +53,11 @@ from dmlib import (
     now,
     read_disk_log,
     run,
-    save_artefacts,
     userspace_table,
     verify_readback,
     wait_for,
 )
 from pair import (
-    COROSYNC_DIR,
     MIRRORS,
     NODES,
     REGION,
@@ -76,6 +71,7 @@ from pair import (
     link_up,
     log_view,
     quorate_with_both,
+    run_scenario,
     shared_devices,
     start_corosync,
 )
@@ -255,32 +251,9 @@ def main() -> int:
     parser.add_argument("--uuid", required=True)
     parser.add_argument("--budget", type=float, default=900)
     args = parser.parse_args()
-    run_dir = Path(os.environ.get("ULOGD_RUN", "."))
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    report = Report(run_dir / "result.json")
-
-    def save() -> None:
-        report.write()
-        for extra in ("corosync.log", "corosync.out"):
-            with contextlib.suppress(OSError):
-                (ARTEFACTS / extra).write_bytes((COROSYNC_DIR / extra).read_bytes())
-        save_artefacts(run_dir)
-        os.sync()
-
-    def watchdog() -> None:
-        time.sleep(args.budget)
-        event("failed: guest watchdog")
-        save()
-        Path("/proc/sysrq-trigger").write_text("o\n")
-
-    threading.Thread(target=watchdog, daemon=True).start()
-    with report.scenario(f"restart-pair-node{args.node}") as sc:
-        scenario(sc, args.node, args.uuid)
-    failed = [s.name for s in report.scenarios if not s.ok]
-    if failed:
-        event(f"failed: {report.scenarios[-1].error or 'checks failed'}")
-    save()
-    return 1 if failed else 0
+    return run_scenario(
+        f"restart-pair-node{args.node}", lambda sc: scenario(sc, args.node, args.uuid), args.budget
+    )
 
 
 if __name__ == "__main__":
