@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.harness import apt
 from ulogd import __version__
 from ulogd.edges.capture import (
     ARPHRD_NETLINK,
@@ -674,17 +675,9 @@ def tshark() -> None:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip("tshark/editcap not installed (apt-get install tshark)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    apt = ["apt-get", "-q", "-y", "-o", "Dpkg::Use-Pty=0", "-o", "DPkg::Lock::Timeout=900"]
-    install = [*apt, "install", "--no-install-recommends", "tshark"]
-    result = subprocess.run(install, env=env, capture_output=True, text=True)
-    if result.returncode != 0:  # stale or empty package lists: update once, then retry
-        subprocess.run([*apt, "update"], env=env, capture_output=True, text=True)
-        result = subprocess.run(install, env=env, capture_output=True, text=True)
+    apt.install(["tshark"])
     missing = [tool for tool in TSHARK_TOOLS if shutil.which(tool) is None]
-    assert result.returncode == 0 and not missing, (
-        f"apt-get install tshark failed (missing {missing}):\n{result.stderr[-2000:]}"
-    )
+    assert not missing, f"the tshark package installed no {missing}"
 
 
 def run(*args: str) -> str:

@@ -23,27 +23,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import apt
 from ulogd.ops import config
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
 UNIT = PACKAGING / "dm-ulogd.service"
-APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
 
 
 def apt_install(package: str) -> None:
     """Install Debian's ``package`` unless it is installed (root only; skips otherwise)."""
-    if subprocess.run(["dpkg", "-s", package], capture_output=True).returncode == 0:
+    if not apt.missing([package]):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip(f"{package} not installed (apt-get install {package})")
-    apt = ["apt-get", "-q", "-y", "-o", "Dpkg::Use-Pty=0"]
-    install = [*apt, "install", "--no-install-recommends", package]
-    if subprocess.run(install, env=APT_ENV, capture_output=True).returncode != 0:
-        subprocess.run([*apt, "update"], env=APT_ENV, capture_output=True)
-        result = subprocess.run(install, env=APT_ENV, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"apt-get install {package} failed: {result.stderr[-500:]}")
+    try:
+        apt.install([package])
+    except apt.AptError as exc:
+        pytest.skip(str(exc))
 
 
 def ensure(command: str, package: str) -> str:

@@ -54,6 +54,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.harness import apt
+
 #: Debian packages: the daemon and its client libraries (enough for ABI mode).
 RUNTIME_PACKAGES = ("corosync", "iproute2")
 #: Headers for the API-mode self-check.
@@ -71,17 +73,6 @@ class CorosyncError(RuntimeError):
 # -- installation ----------------------------------------------------------------------------
 
 
-def _missing(packages: Sequence[str]) -> list[str]:
-    missing = []
-    for pkg in packages:
-        out = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True
-        )
-        if out.returncode != 0 or "install ok installed" not in out.stdout:
-            missing.append(pkg)
-    return missing
-
-
 _install_lock = threading.Lock()
 install_seconds: float | None = None
 """Time the last :func:`ensure_installed` spent installing (0.0 when nothing was missing)."""
@@ -92,20 +83,14 @@ def ensure_installed(dev: bool = True) -> float:
     global install_seconds
     with _install_lock:
         wanted = list(RUNTIME_PACKAGES) + (list(DEV_PACKAGES) if dev else [])
-        missing = _missing(wanted)
-        if not missing:
+        if not apt.missing(wanted):
             install_seconds = 0.0
             return 0.0
         start = time.monotonic()
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        apt = ["apt-get", "-q", "-y", "-o", "Dpkg::Use-Pty=0"]
-        install = [*apt, "install", "--no-install-recommends", *missing]
-        result = subprocess.run(install, env=env, capture_output=True, text=True)
-        if result.returncode != 0:  # stale or empty lists: update once, then retry
-            subprocess.run([*apt, "update"], env=env, capture_output=True, text=True)
-            result = subprocess.run(install, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CorosyncError(f"apt-get install {' '.join(missing)} failed:\n{result.stderr}")
+        try:
+            apt.install(wanted)
+        except apt.AptError as exc:
+            raise CorosyncError(str(exc)) from None
         if os.path.isdir("/run/systemd/system"):  # a distro corosync would own our sockets
             subprocess.run(["systemctl", "stop", "corosync"], capture_output=True)
         install_seconds = time.monotonic() - start

@@ -94,6 +94,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.harness import apt
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,8 +173,6 @@ QEMU_BASE_ARGS: tuple[str, ...] = (
     "-vga", "none",
 )  # fmt: skip
 
-APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
-APT_LOCK = ("-o", "DPkg::Lock::Timeout=900")
 
 
 class HarnessError(RuntimeError):
@@ -260,20 +260,7 @@ def ensure_host_packages(extra: Iterable[str] = ()) -> None:
     if not missing:
         return
     log.info("installing host packages: %s", " ".join(missing))
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *APT_LOCK, *missing]
-    if _run(cmd, env=APT_ENV, check=False).returncode != 0:
-        _apt_update()
-        _run(cmd, env=APT_ENV)
-
-
-_apt_updated = False
-
-
-def _apt_update() -> None:
-    global _apt_updated
-    if not _apt_updated:
-        _run(["apt-get", "update", *APT_LOCK], env=APT_ENV)
-        _apt_updated = True
+    apt.install(missing)
 
 
 def debian_mirror() -> str:
@@ -341,7 +328,7 @@ def _kernel_package() -> tuple[str, str]:
             if match and match.group(1) != "(none)":
                 return name, match.group(1)
         if attempt == 0:
-            _apt_update()
+            apt.update()
     raise HarnessError("cannot resolve linux-image-amd64 with apt-cache")
 
 
@@ -501,7 +488,7 @@ def build_rootfs(flavour: str = "init") -> Path:
                     tmp,
                     mirror,
                 ],
-                env=APT_ENV,
+                env=apt.ENV,
             )
             for deb in (tmp / "var/cache/apt/archives").glob("*.deb"):
                 deb.unlink()
