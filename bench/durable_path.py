@@ -27,24 +27,22 @@ writes JSON to ``bench/results/``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import queue
 import random
 import select
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import disk_flush
 import transport_latency
 
 from ulogd.edges import daemon
@@ -55,33 +53,6 @@ from ulogd.protocol.spec import RequestType as T
 from ulogd.state import disklog
 
 BLOCK = 512
-
-
-@contextlib.contextmanager
-def loop_device(size: int = 1 << 20) -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(prefix="ulogd-bench-durable-", dir="/dev/shm"))
-    image = d / "log.img"
-    with open(image, "wb") as fh:
-        fh.truncate(size)
-    dev = subprocess.run(
-        ["losetup", "--sector-size", str(BLOCK), "-f", "--show", str(image)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def loop_works() -> bool:
-    try:
-        with loop_device():
-            return True
-    except (OSError, subprocess.CalledProcessError):
-        return False
 
 
 def device_writes(path: str, writes: int, rounds: int) -> dict[str, Any]:
@@ -235,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = common.loadavg()
     result: dict[str, Any] = {"writes": args.writes, "loadavg_before": load_before}
     result["hand_off"] = hand_off(args.writes, args.rounds)
-    loop_ok = loop_works()
+    loop_ok = disk_flush.loop_works()
     if loop_ok:
-        with loop_device() as dev:
+        with disk_flush.loop_device(BLOCK, 1 << 20) as dev:
             result["device"] = device_writes(dev, args.writes, args.rounds)
         for poll in ("off", "adaptive"):
-            with loop_device() as dev:
+            with disk_flush.loop_device(BLOCK, 1 << 20) as dev:
                 result[f"cycle-{poll}"] = cycles(dev, max(args.writes // 4, 10), args.rounds, poll)
     else:
         result["loop_skipped"] = "losetup --sector-size does not work here"

@@ -37,3 +37,12 @@ IMAGES = {
 LEGS = {"pair": ("sharedA", "sharedB"), "pairdisk": ("sharedC", "sharedD")}
 
 
+
+
+def make_images(base: Path) -> dict[str, Path]:
+    """Fresh (sparse, all zero) shared images in ``base``: serial -> path."""
+    images = {serial: base / f"{serial}.img" for serial in IMAGES}
+    for serial, (size, _) in IMAGES.items():
+        with open(images[serial], "wb") as fh:
+            fh.truncate(size)
+    return images

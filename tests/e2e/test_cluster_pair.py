@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks
+from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks, make_images
 from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
@@ -79,10 +79,7 @@ def _boot_pair(flavour: str = "init") -> PairRun:
     run under their units (``pair.py --systemd``)."""
     art = qemu.prepare(flavour)
     base = qemu.new_run_dir("pair-disks")
-    images = {serial: base / f"{serial}.img" for serial in IMAGES}
-    for serial, (size, _) in IMAGES.items():
-        with open(images[serial], "wb") as fh:
-            fh.truncate(size)
+    images = make_images(base)
     socks = [base / "n1.sock", base / "n2.sock"]
     uuid = f"e2e-pair-{uuidlib.uuid4().hex[:12]}"
     guests = {}

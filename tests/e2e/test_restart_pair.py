@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks
+from tests.e2e.shared_images import IMAGES, LEG_SIZE, LEGS, differing_blocks, make_images
 from tests.harness import qemu
 
 pytestmark = pytest.mark.e2e
@@ -53,10 +53,7 @@ class RestartRun:
 def _boot() -> RestartRun:
     art = qemu.prepare()
     base = qemu.new_run_dir("restart-pair-disks")
-    images = {serial: base / f"{serial}.img" for serial in IMAGES}
-    for serial, (size, _) in IMAGES.items():
-        with open(images[serial], "wb") as fh:
-            fh.truncate(size)
+    images = make_images(base)
     socks = [base / "n1.sock", base / "n2.sock"]
     uuid = f"e2e-restart-{uuidlib.uuid4().hex[:12]}"
     guests = {}
